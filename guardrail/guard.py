@@ -1,0 +1,115 @@
+"""The guard: the one place where decisions are made. It knows nothing of HTTP.
+
+One embedding per message is computed and shared by every layer. Decisions for repeated messages
+come from a bounded LRU cache, so a retried or popular question costs a dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from guardrail.encoder import Encoder
+from guardrail.layers.similarity import SimilarityLayer
+from guardrail.models import DEFAULT_MODEL
+from guardrail.scenario import ScenarioDocument, load_scenario
+
+Layer = Literal["similarity"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the guard decided about one message, and why."""
+
+    allowed: bool
+    score: float
+    threshold: float
+    layer: Layer
+    scenario: str
+
+
+class Guard:
+    """Decides whether messages are on topic for one scenario document."""
+
+    def __init__(self, encoder: Encoder, similarity: SimilarityLayer, cache_size: int = 4096) -> None:
+        self.encoder = encoder
+        self.similarity = similarity
+        self.document = similarity.document
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Verdict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        scenario: str | Path | ScenarioDocument,
+        model: str = DEFAULT_MODEL,
+        cache_dir: Path | None = None,
+        threads: int = 1,
+        target_pass: float = 0.95,
+        threshold: float | None = None,
+        cache_size: int = 4096,
+    ) -> Guard:
+        """Load the encoder and the scenario document, and calibrate layer 1."""
+        document = scenario if isinstance(scenario, ScenarioDocument) else load_scenario(scenario)
+        encoder = Encoder.load(model, cache_dir=cache_dir, threads=threads)
+        similarity = SimilarityLayer.build(document, encoder, target_pass=target_pass, threshold=threshold)
+        return cls(encoder, similarity, cache_size=cache_size)
+
+    @property
+    def threshold(self) -> float:
+        """The layer-1 threshold in force."""
+        return self.similarity.threshold
+
+    def check(self, text: str) -> Verdict:
+        """Judge one message."""
+        return self.check_many([text])[0]
+
+    def check_many(self, texts: Sequence[str]) -> list[Verdict]:
+        """Judge several messages with one encoder call for those not in the cache."""
+        keys = [_normalise(t) for t in texts]
+        verdicts: list[Verdict | None] = [None] * len(keys)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, key in enumerate(keys):
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    verdicts[i] = hit
+                else:
+                    missing.setdefault(key, []).append(i)
+        if missing:
+            fresh = self._decide(list(missing))
+            with self._lock:
+                for key, verdict in zip(missing, fresh, strict=True):
+                    for i in missing[key]:
+                        verdicts[i] = verdict
+                    self._cache[key] = verdict
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return [v for v in verdicts if v is not None]
+
+    def _decide(self, texts: list[str]) -> list[Verdict]:
+        vectors = self.encoder.encode(texts)
+        scores, nearest = self.similarity.score(vectors)
+        threshold = self.similarity.threshold
+        scenarios = self.document.scenarios
+        return [
+            Verdict(
+                allowed=bool(score >= threshold),
+                score=float(score),
+                threshold=threshold,
+                layer="similarity",
+                scenario=scenarios[index],
+            )
+            for score, index in zip(scores, nearest, strict=True)
+        ]
+
+
+def _normalise(text: str) -> str:
+    # Whitespace never changes the embedding's meaning; case does for cased models, so it is kept.
+    return " ".join(text.split())

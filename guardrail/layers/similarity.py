@@ -1,0 +1,174 @@
+"""Layer 1: how close a message is to the scenario document, against generic chat as background.
+
+The score is a kernel density ratio on the unit sphere. With cosine similarities ``c`` of the message
+to the document's items (scenarios and examples) and to a background of generic chatbot messages::
+
+    score = softmax_pool(c_document) - softmax_pool(c_background)
+    softmax_pool(c) = log(mean(exp(tau * c))) / tau
+
+so a message scores high when it is much closer to the bot's scope than to chat in general. The pool
+sits between the mean (tau -> 0) and the max (tau -> inf): several matching items count for more than
+one. Background messages that the document itself covers (a weather bot's background still has weather
+questions) are dropped at load, so the document's own topics are never argued against.
+
+The threshold comes from the document alone, as the lower of two estimates:
+- the ``1 - target_pass`` quantile of the document's items scored leave-one-out (each item against the
+  rest), an estimate of how on-topic messages score; real messages are less like the document than its
+  own items are, so this alone is too strict;
+- the score that only ``background_pass`` of the background reaches (again leave-one-out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from numpy.typing import NDArray
+
+from guardrail.encoder import Encoder, Vectors
+from guardrail.errors import ConfigError
+from guardrail.scenario import ScenarioDocument
+
+TAU = 10.0
+
+
+def load_background() -> tuple[str, ...]:
+    """The shipped background: generic chatbot messages (CC0, see guardrail/data/README.md)."""
+    text = resources.files("guardrail.data").joinpath("background.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def softmax_pool(similarities: NDArray[np.float32], tau: float = TAU) -> NDArray[np.float32]:
+    """Pool each row of similarities between its mean and its max: log(mean(exp(tau * c))) / tau."""
+    top = similarities.max(axis=1, keepdims=True)
+    pooled = top[:, 0] + np.log(np.exp(tau * (similarities - top)).mean(axis=1)) / tau
+    return pooled.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the threshold was chosen, for logs, model cards and `guardrail check`."""
+
+    threshold: float
+    source: str  # "document", "background" or "setting"
+    document_quantile: float
+    background_quantile: float
+
+
+class SimilarityLayer:
+    """Scores embedded messages against one scenario document."""
+
+    def __init__(
+        self,
+        document: ScenarioDocument,
+        item_vectors: Vectors,
+        background_vectors: Vectors,
+        nearest_scenario: NDArray[np.intp],
+        calibration: Calibration,
+        tau: float = TAU,
+    ) -> None:
+        self.document = document
+        self.item_vectors = item_vectors
+        self.background_vectors = background_vectors
+        self.nearest_scenario = nearest_scenario
+        self.calibration = calibration
+        self.threshold = calibration.threshold
+        self.tau = tau
+        # One matrix product scores a message against both sets.
+        self._all = np.ascontiguousarray(np.vstack([item_vectors, background_vectors]).T)
+        self._n_items = len(item_vectors)
+
+    @classmethod
+    def build(
+        cls,
+        document: ScenarioDocument,
+        encoder: Encoder,
+        background: tuple[str, ...] | None = None,
+        target_pass: float = 0.95,
+        background_pass: float = 0.01,
+        threshold: float | None = None,
+        tau: float = TAU,
+    ) -> SimilarityLayer:
+        """Embed the document once and calibrate the threshold from it."""
+        if not 0.5 <= target_pass < 1.0:
+            raise ConfigError(f"target_pass must be in [0.5, 1), got {target_pass}")
+        if not 0.0 < background_pass < 0.5:
+            raise ConfigError(f"background_pass must be in (0, 0.5), got {background_pass}")
+        background = load_background() if background is None else background
+        items = document.scenarios + document.examples
+        item_vectors = encoder.encode(items)
+        background_all = _cached_encode(encoder, background)
+
+        # Drop background messages the document covers: those scoring like its own items.
+        item_loo = _leave_one_out(item_vectors, tau)
+        covered = softmax_pool(background_all @ item_vectors.T, tau) >= np.quantile(item_loo, 1 - target_pass)
+        background_vectors = background_all[~covered]
+
+        n_scenarios = len(document.scenarios)
+        nearest = np.arange(len(items))
+        if document.examples:
+            example_to_scenario = item_vectors[n_scenarios:] @ item_vectors[:n_scenarios].T
+            nearest[n_scenarios:] = example_to_scenario.argmax(axis=1)
+
+        calibration = _calibrate(item_vectors, background_vectors, target_pass, background_pass, tau)
+        if threshold is not None:
+            calibration = Calibration(
+                threshold, "setting", calibration.document_quantile, calibration.background_quantile
+            )
+        return cls(document, item_vectors, background_vectors, nearest, calibration, tau)
+
+    def score(self, vectors: Vectors) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
+        """Scores (higher is more on topic) and the index of each message's nearest scenario."""
+        similarities = vectors @ self._all
+        on_document = similarities[:, : self._n_items]
+        scores = softmax_pool(on_document, self.tau) - softmax_pool(similarities[:, self._n_items :], self.tau)
+        return scores, self.nearest_scenario[on_document.argmax(axis=1)]
+
+
+def _leave_one_out(vectors: Vectors, tau: float) -> NDArray[np.float32]:
+    similarities = vectors @ vectors.T
+    np.fill_diagonal(similarities, -np.inf)
+    return softmax_pool(similarities, tau)
+
+
+def _calibrate(
+    items: Vectors, background: Vectors, target_pass: float, background_pass: float, tau: float
+) -> Calibration:
+    n = len(items)
+    item_scores = np.empty(n, dtype=np.float32)
+    if n > 1:
+        for i in range(n):
+            rest = np.delete(items, i, axis=0)
+            item_scores[i] = (
+                softmax_pool(items[i : i + 1] @ rest.T, tau) - softmax_pool(items[i : i + 1] @ background.T, tau)
+            )[0]
+    else:
+        item_scores[:] = softmax_pool(items @ items.T, tau) - softmax_pool(items @ background.T, tau)
+    on_background = background @ background.T
+    np.fill_diagonal(on_background, -np.inf)
+    background_scores = softmax_pool(background @ items.T, tau) - softmax_pool(on_background, tau)
+
+    document_quantile = float(np.quantile(item_scores, 1 - target_pass))
+    background_quantile = float(np.quantile(background_scores, 1 - background_pass))
+    if document_quantile <= background_quantile:
+        return Calibration(document_quantile, "document", document_quantile, background_quantile)
+    return Calibration(background_quantile, "background", document_quantile, background_quantile)
+
+
+def _cached_encode(encoder: Encoder, texts: tuple[str, ...]) -> Vectors:
+    """Embed a fixed text set once per model, cached beside the exported model."""
+    if encoder.path is None:
+        return encoder.encode(texts)
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    path = encoder.path / f"texts-{digest}.npy"
+    if path.is_file():
+        vectors = np.load(path)
+        if vectors.shape == (len(texts), encoder.dim):
+            return vectors.astype(np.float32, copy=False)
+    vectors = encoder.encode(texts)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(path)
+    return vectors
