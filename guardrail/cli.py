@@ -1,0 +1,137 @@
+"""The ``guardrail`` command: check | eval | export-model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from guardrail.errors import GuardrailError
+from guardrail.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 error)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except GuardrailError as exc:
+        print(f"guardrail: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardrail", description="Keep a chatbot on topic.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="judge messages against a scenario document")
+    _guard_options(check)
+    check.add_argument("texts", nargs="+", metavar="TEXT", help="messages to judge ('-' reads lines from stdin)")
+    check.add_argument("--json", action="store_true", help="print one JSON object per message")
+    check.set_defaults(run=_check)
+
+    evaluate = commands.add_parser("eval", help="evaluate the guard on labelled messages")
+    _guard_options(evaluate)
+    evaluate.add_argument("--data", required=True, type=Path, help='JSONL rows {"text": str, "on_topic": bool}')
+    evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    evaluate.add_argument("--plot", type=Path, metavar="PNG", help="write a ROC curve to this PNG file")
+    evaluate.set_defaults(run=_eval)
+
+    export = commands.add_parser("export-model", help="export the encoder to ONNX into the cache")
+    export.add_argument("--model", help="directory, installed model package or hub name")
+    export.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def _guard_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", required=True, type=Path, help="the scenario document (Markdown)")
+    parser.add_argument("--model", help="encoder: directory, installed model package or hub name")
+    parser.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
+    parser.add_argument("--threshold", type=float, help="layer-1 threshold (default: calibrated)")
+    parser.add_argument("--target-pass", type=float, help="on-topic pass rate to calibrate for (default 0.95)")
+    parser.add_argument("--threads", type=int, help="encoder threads (default 1)")
+
+
+def _load_guard(args: argparse.Namespace) -> Any:
+    from guardrail.guard import Guard
+
+    settings = Settings.load(
+        model=args.model,
+        cache_dir=args.cache_dir,
+        threshold=args.threshold,
+        target_pass=args.target_pass,
+        threads=args.threads,
+    )
+    return Guard.load(
+        args.scenario,
+        model=settings.model,
+        cache_dir=settings.cache_path,
+        threads=settings.threads,
+        target_pass=settings.target_pass,
+        threshold=settings.threshold,
+        cache_size=settings.cache_size,
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    texts = [line for line in sys.stdin.read().splitlines() if line.strip()] if args.texts == ["-"] else args.texts
+    guard = _load_guard(args)
+    for text, verdict in zip(texts, guard.check_many(texts), strict=True):
+        word = "on-topic" if verdict.allowed else "off-topic"
+        if args.json:
+            row = {"text": text, "verdict": word, "allowed": verdict.allowed, "score": round(verdict.score, 4),
+                   "threshold": round(verdict.threshold, 4), "layer": verdict.layer, "scenario": verdict.scenario}
+            sys.stdout.write(orjson.dumps(row).decode() + "\n")
+        else:
+            print(f"{word:9s}  score {verdict.score:+.3f}  threshold {verdict.threshold:+.3f}  {text}")
+            print(f"           nearest scenario: {verdict.scenario}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from guardrail.evaluation import load_labelled, plot_roc, report
+
+    data = load_labelled(args.data)
+    guard = _load_guard(args)
+    scores = np.array([v.score for v in guard.check_many(data.texts)], dtype=np.float64)
+    result = report(scores, data.on_topic, guard.threshold)
+    if args.plot:
+        plot_roc(scores, data.on_topic, guard.threshold, args.plot, title=guard.document.title)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
+        return 0
+    print(f"scenario   {args.scenario} ({guard.document.title})")
+    print(f"data       {args.data}: {result.n_on} on-topic, {result.n_off} off-topic")
+    print(f"AUROC      {result.auroc:.4f}")
+    print(f"at 95% on-topic pass: {result.block_rate_at_pass_95:.1%} of off-topic blocked")
+    print(f"at 5% off-topic leak: {result.pass_rate_at_leak_5:.1%} of on-topic passed")
+    calibration = guard.similarity.calibration
+    print(f"calibrated threshold {result.threshold:+.4f} (from the {calibration.source}): "
+          f"{result.pass_rate:.1%} on-topic passed, {result.block_rate:.1%} off-topic blocked")
+    if args.plot:
+        print(f"ROC curve written to {args.plot}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from guardrail.encoder import Encoder
+
+    settings = Settings.load(model=args.model, cache_dir=args.cache_dir)
+    encoder = Encoder.load(settings.model, cache_dir=settings.cache_path)
+    cosine = encoder.meta.get("verified_min_cosine")
+    print(f"{encoder.id}: exported to {encoder.path} (min cosine to sentence-transformers: {cosine})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
