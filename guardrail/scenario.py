@@ -66,7 +66,9 @@ def parse_scenario(text: str, path: str = "<string>") -> ScenarioDocument:
             continue
         if title is None:
             if not line.startswith("# ") or not line[2:].strip():
-                raise ScenarioError("the document must start with a title line: '# <assistant name>'", path, number)
+                raise ScenarioError(
+                    "the document must start with a title line: '# <assistant name>'", path, number
+                )
             title = line[2:].strip()
             continue
         if line.startswith("#"):
@@ -91,7 +93,9 @@ def parse_scenario(text: str, path: str = "<string>") -> ScenarioDocument:
                 raise ScenarioError("empty bullet", path, number)
             key = item.casefold()
             if key in seen[current]:
-                raise ScenarioError(f"duplicate bullet {item!r} (first on line {seen[current][key]})", path, number)
+                raise ScenarioError(
+                    f"duplicate bullet {item!r} (first on line {seen[current][key]})", path, number
+                )
             seen[current][key] = number
             sections[current].append(item)
             last_bullet_line = number

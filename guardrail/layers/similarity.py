@@ -20,7 +20,9 @@ The threshold comes from the document alone, as the lower of two estimates:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 from importlib import resources
 
@@ -44,7 +46,7 @@ def softmax_pool(similarities: NDArray[np.float32], tau: float = TAU) -> NDArray
     """Pool each row of similarities between its mean and its max: log(mean(exp(tau * c))) / tau."""
     top = similarities.max(axis=1, keepdims=True)
     pooled = top[:, 0] + np.log(np.exp(tau * (similarities - top)).mean(axis=1)) / tau
-    return pooled.astype(np.float32)
+    return np.asarray(pooled, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,9 @@ class SimilarityLayer:
         """Scores (higher is more on topic) and the index of each message's nearest scenario."""
         similarities = vectors @ self._all
         on_document = similarities[:, : self._n_items]
-        scores = softmax_pool(on_document, self.tau) - softmax_pool(similarities[:, self._n_items :], self.tau)
+        scores = softmax_pool(on_document, self.tau) - softmax_pool(
+            similarities[:, self._n_items :], self.tau
+        )
         return scores, self.nearest_scenario[on_document.argmax(axis=1)]
 
 
@@ -142,7 +146,8 @@ def _calibrate(
         for i in range(n):
             rest = np.delete(items, i, axis=0)
             item_scores[i] = (
-                softmax_pool(items[i : i + 1] @ rest.T, tau) - softmax_pool(items[i : i + 1] @ background.T, tau)
+                softmax_pool(items[i : i + 1] @ rest.T, tau)
+                - softmax_pool(items[i : i + 1] @ background.T, tau)
             )[0]
     else:
         item_scores[:] = softmax_pool(items @ items.T, tau) - softmax_pool(items @ background.T, tau)
@@ -166,9 +171,11 @@ def _cached_encode(encoder: Encoder, texts: tuple[str, ...]) -> Vectors:
     if path.is_file():
         vectors = np.load(path)
         if vectors.shape == (len(texts), encoder.dim):
-            return vectors.astype(np.float32, copy=False)
+            return np.asarray(vectors, dtype=np.float32)
     vectors = encoder.encode(texts)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, vectors)
-    tmp.replace(path)
+    # Best effort: a read-only cache only costs the encoding at the next start.
+    with contextlib.suppress(OSError):
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, vectors)
+        os.replace(tmp, path)
     return vectors
