@@ -132,9 +132,10 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"AUROC      {result.auroc:.4f}")
     print(f"at 95% on-topic pass: {result.block_rate_at_pass_95:.1%} of off-topic blocked")
     print(f"at 5% off-topic leak: {result.pass_rate_at_leak_5:.1%} of on-topic passed")
-    calibration = guard.similarity.calibration
+    source = guard.similarity.calibration.source
+    origin = "as set" if source == "setting" else f"calibrated from the {source}"
     print(
-        f"calibrated threshold {result.threshold:+.4f} (from the {calibration.source}): "
+        f"threshold  {result.threshold:+.4f} ({origin}): "
         f"{result.pass_rate:.1%} on-topic passed, {result.block_rate:.1%} off-topic blocked"
     )
     if args.plot:

@@ -64,6 +64,9 @@ def export_onnx(source: ModelSource, out_dir: Path, opset: int = 17) -> dict[str
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent))
+    # mkdtemp makes the folder private (0700); a cache exported at build time as one user is
+    # read by a server running as another.
+    work.chmod(0o755)
     try:
         sample = tokenize(["a sample sentence", "and a second, longer sample sentence"])
         args = tuple(sample[name] for name in input_names)

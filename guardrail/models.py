@@ -60,10 +60,10 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name=name, path=path.resolve(), origin="directory")
 
     package = PACKAGED_MODELS.get(name) or (name if name.isidentifier() else None)
-    if package is not None and importlib.util.find_spec(package) is not None:
-        spec = importlib.util.find_spec(package)
-        assert spec is not None and spec.submodule_search_locations
-        model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    spec = importlib.util.find_spec(package) if package is not None else None
+    # Only a package (not a plain module) can ship a model/ folder.
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        model_dir = Path(location) / "model"
         if model_dir.is_dir():
             _check_model_dir(model_dir, name)
             return ModelSource(name=name, path=model_dir, origin="package")

@@ -45,7 +45,8 @@ class ScenarioDocument:
 def load_scenario(path: str | Path) -> ScenarioDocument:
     """Read and parse the scenario document at ``path``."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows often save a byte-order mark first.
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"cannot read the scenario document: {exc}", str(path)) from exc
     return parse_scenario(text, str(path))
@@ -55,12 +56,14 @@ def parse_scenario(text: str, path: str = "<string>") -> ScenarioDocument:
     """Parse a scenario document's text; ``path`` is only used in error messages."""
     title: str | None = None
     description: list[str] = []
-    sections: dict[str, list[str]] = {}
-    seen: dict[str, dict[str, int]] = {}
+    # Each section's bullets with the line each starts on, and the line of the section's heading.
+    sections: dict[str, list[tuple[str, int]]] = {}
+    headings: dict[str, int] = {}
     current: str | None = None
     last_bullet_line = 0
+    lines = text.removeprefix("\ufeff").splitlines()
 
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line or (line.startswith("<!--") and line.endswith("-->")):
             continue
@@ -82,7 +85,7 @@ def parse_scenario(text: str, path: str = "<string>") -> ScenarioDocument:
             if current in sections:
                 raise ScenarioError(f"section {line!r} appears twice", path, number)
             sections[current] = []
-            seen[current] = {}
+            headings[current] = number
             continue
         if current is None:
             description.append(line)
@@ -91,31 +94,45 @@ def parse_scenario(text: str, path: str = "<string>") -> ScenarioDocument:
             item = line[1:].strip()
             if not item:
                 raise ScenarioError("empty bullet", path, number)
-            key = item.casefold()
-            if key in seen[current]:
-                raise ScenarioError(
-                    f"duplicate bullet {item!r} (first on line {seen[current][key]})", path, number
-                )
-            seen[current][key] = number
-            sections[current].append(item)
+            sections[current].append((item, number))
             last_bullet_line = number
         elif raw[:1].isspace() and last_bullet_line == number - 1 and sections[current]:
             # An indented line right under a bullet continues it, as in Markdown.
-            sections[current][-1] += " " + line
+            item, start = sections[current][-1]
+            sections[current][-1] = (f"{item} {line}", start)
             last_bullet_line = number
         else:
             raise ScenarioError(f"expected a '- ' bullet in this section, got {line!r}", path, number)
 
     if title is None:
         raise ScenarioError("the document is empty: it needs a '# <assistant name>' title", path, 1)
-    if not sections.get("scenarios"):
-        raise ScenarioError("the document needs a '## Scenarios' section with at least one '- ' bullet", path)
+    if "scenarios" not in sections:
+        raise ScenarioError("the document has no '## Scenarios' section", path, max(len(lines), 1))
+    if not sections["scenarios"]:
+        raise ScenarioError(
+            "the '## Scenarios' section needs at least one '- ' bullet", path, headings["scenarios"]
+        )
+    for bullets in sections.values():
+        _check_duplicates(bullets, path)
     return ScenarioDocument(
         title=title,
         description=" ".join(description),
-        scenarios=tuple(sections["scenarios"]),
-        examples=tuple(sections.get("examples", ())),
-        off_topic=tuple(sections.get("off_topic", ())),
+        scenarios=_texts(sections["scenarios"]),
+        examples=_texts(sections.get("examples", [])),
+        off_topic=_texts(sections.get("off_topic", [])),
         path=path,
         digest=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
+
+
+def _texts(bullets: list[tuple[str, int]]) -> tuple[str, ...]:
+    return tuple(item for item, _ in bullets)
+
+
+def _check_duplicates(bullets: list[tuple[str, int]], path: str) -> None:
+    first: dict[str, int] = {}
+    for item, number in bullets:
+        key = " ".join(item.casefold().split())
+        if key in first:
+            raise ScenarioError(f"duplicate bullet {item!r} (first on line {first[key]})", path, number)
+        first[key] = number

@@ -6,6 +6,7 @@ then, never at import time.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -31,13 +32,17 @@ class Settings:
     def load(cls, environ: Mapping[str, str] | None = None, **flags: Any) -> Settings:
         """Merge flags (None means not given) over ``GUARDRAIL_<NAME>`` variables over defaults."""
         environ = os.environ if environ is None else environ
+        unknown = set(flags) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for field in fields(cls):
             flag = flags.get(field.name)
             if flag is not None:
                 values[field.name] = flag
-            elif f"GUARDRAIL_{field.name.upper()}" in environ:
-                raw = environ[f"GUARDRAIL_{field.name.upper()}"]
+            elif environ.get(f"GUARDRAIL_{field.name.upper()}", "").strip():
+                # An empty variable counts as unset, as in most shells' configuration habits.
+                raw = environ[f"GUARDRAIL_{field.name.upper()}"].strip()
                 values[field.name] = _convert(field.name, raw)
         settings = cls(**values)
         settings.validate()
@@ -54,6 +59,8 @@ class Settings:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if not 0.5 <= self.target_pass < 1:
             raise ConfigError(f"target_pass must be in [0.5, 1), got {self.target_pass}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
         if self.cache_size < 0:
             raise ConfigError(f"cache_size must be 0 or more, got {self.cache_size}")
 

@@ -25,6 +25,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
+from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,8 +55,8 @@ class Calibration:
     """How the threshold was chosen, for logs, model cards and `guardrail check`."""
 
     threshold: float
-    source: str  # "document", "background" or "setting"
-    document_quantile: float
+    source: Literal["document", "background", "setting"]
+    document_quantile: float | None  # None for a one-item document: nothing to leave out
     background_quantile: float
 
 
@@ -103,10 +104,13 @@ class SimilarityLayer:
         item_vectors = encoder.encode(items)
         background_all = _cached_encode(encoder, background)
 
-        # Drop background messages the document covers: those scoring like its own items.
-        item_loo = _leave_one_out(item_vectors, tau)
-        covered = softmax_pool(background_all @ item_vectors.T, tau) >= np.quantile(item_loo, 1 - target_pass)
-        background_vectors = background_all[~covered]
+        # Drop background messages the document covers: those as close to it as its own items are
+        # to each other. A one-item document has no such reference, and keeps the whole background.
+        background_vectors = background_all
+        if len(items) > 1:
+            item_loo = leave_one_out_pool(item_vectors @ item_vectors.T, tau)
+            on_items = softmax_pool(background_all @ item_vectors.T, tau)
+            background_vectors = background_all[on_items < np.quantile(item_loo, 1 - target_pass)]
 
         n_scenarios = len(document.scenarios)
         nearest = np.arange(len(items))
@@ -131,32 +135,31 @@ class SimilarityLayer:
         return scores, self.nearest_scenario[on_document.argmax(axis=1)]
 
 
-def _leave_one_out(vectors: Vectors, tau: float) -> NDArray[np.float32]:
-    similarities = vectors @ vectors.T
-    np.fill_diagonal(similarities, -np.inf)
-    return softmax_pool(similarities, tau)
+def leave_one_out_pool(similarities: NDArray[np.float32], tau: float = TAU) -> NDArray[np.float32]:
+    """``softmax_pool`` of each row of a square self-similarity matrix, leaving out the diagonal."""
+    n = similarities.shape[0]
+    if n < 2:
+        raise ValueError("leave-one-out needs at least two rows")
+    off_diagonal = ~np.eye(n, dtype=bool)
+    top = np.where(off_diagonal, similarities, -np.inf).max(axis=1, keepdims=True)
+    weights = np.where(off_diagonal, np.exp(tau * (similarities - top)), 0.0)
+    pooled = top[:, 0] + np.log(weights.sum(axis=1) / (n - 1)) / tau
+    return np.asarray(pooled, dtype=np.float32)
 
 
 def _calibrate(
     items: Vectors, background: Vectors, target_pass: float, background_pass: float, tau: float
 ) -> Calibration:
-    n = len(items)
-    item_scores = np.empty(n, dtype=np.float32)
-    if n > 1:
-        for i in range(n):
-            rest = np.delete(items, i, axis=0)
-            item_scores[i] = (
-                softmax_pool(items[i : i + 1] @ rest.T, tau)
-                - softmax_pool(items[i : i + 1] @ background.T, tau)
-            )[0]
-    else:
-        item_scores[:] = softmax_pool(items @ items.T, tau) - softmax_pool(items @ background.T, tau)
-    on_background = background @ background.T
-    np.fill_diagonal(on_background, -np.inf)
-    background_scores = softmax_pool(background @ items.T, tau) - softmax_pool(on_background, tau)
-
-    document_quantile = float(np.quantile(item_scores, 1 - target_pass))
+    # Leave-one-out both ways: each document item against the other items, each background message
+    # against the other background messages, so no score sees its own vector.
+    background_scores = softmax_pool(background @ items.T, tau) - leave_one_out_pool(
+        background @ background.T, tau
+    )
     background_quantile = float(np.quantile(background_scores, 1 - background_pass))
+    if len(items) < 2:
+        return Calibration(background_quantile, "background", None, background_quantile)
+    item_scores = leave_one_out_pool(items @ items.T, tau) - softmax_pool(items @ background.T, tau)
+    document_quantile = float(np.quantile(item_scores, 1 - target_pass))
     if document_quantile <= background_quantile:
         return Calibration(document_quantile, "document", document_quantile, background_quantile)
     return Calibration(background_quantile, "background", document_quantile, background_quantile)
