@@ -18,9 +18,26 @@ import numpy as np
 
 from guardrail.evaluation import report
 from guardrail.guard import Guard
+from guardrail.layers.similarity import load_background, softmax_pool
 
 HERE = Path(__file__).parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hwu64"
+
+
+def ablation(guard: Guard, vectors: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
+    """Layer 1 built up one step at a time, from naive max cosine to the shipped score."""
+    document = guard.document
+    bullets = guard.encoder.encode(document.scenarios)
+    items = guard.similarity.item_vectors
+    on_items = vectors @ items.T
+    pooled = softmax_pool(on_items)
+    return {
+        "max cosine to the bullets (naive)": (vectors @ bullets.T).max(axis=1),
+        "max cosine to bullets and examples": on_items.max(axis=1),
+        "pooled (tau 10) over bullets and examples": pooled,
+        "minus pooled background, whole background": pooled - softmax_pool(vectors @ background.T),
+        "minus pooled background, covered dropped (shipped)": guard.similarity.score(vectors)[0],
+    }
 
 
 def main() -> None:
@@ -47,15 +64,20 @@ def main() -> None:
         k: [] for k in ("naive_auroc", "naive_block", "auroc", "block", "leak", "pass", "cblock")
     }
     vectors = None
+    steps: dict[str, list[tuple[float, float]]] = {}
     for bot, scope in config["bots"].items():
         guard = Guard.load(HERE / "hwu64" / "bots" / f"{bot}.md", cache_size=0)
         if vectors is None:
             vectors = guard.encoder.encode(texts)
+            background = guard.encoder.encode(load_background())
         on_topic = np.isin(intents, scope)
         scores, _ = guard.similarity.score(vectors)
         ours = report(scores.astype(np.float64), on_topic, guard.threshold)
         bullets = guard.encoder.encode(guard.document.scenarios)
         naive = report((vectors @ bullets.T).max(axis=1).astype(np.float64), on_topic, 0.0)
+        for name, variant in ablation(guard, vectors, background).items():
+            result = report(variant.astype(np.float64), on_topic, 0.0)
+            steps.setdefault(name, []).append((result.auroc, result.block_rate_at_pass_95))
         for key, value in zip(
             totals,
             (
@@ -80,6 +102,16 @@ def main() -> None:
         f"| **mean** | | | {mean['naive_auroc']:.4f} | {mean['naive_block']:.1%} | **{mean['auroc']:.4f}** | "
         f"**{mean['block']:.1%}** | {mean['leak']:.1%} | {mean['pass']:.1%} | {mean['cblock']:.1%} |"
     )
+    lines += [
+        "",
+        "What each step adds (mean over the bots, same vectors):",
+        "",
+        "| scoring | AUROC | block@95 |",
+        "|---|---|---|",
+    ]
+    for name, values in steps.items():
+        auroc, block = np.mean(values, axis=0)
+        lines.append(f"| {name} | {auroc:.4f} | {block:.1%} |")
     table = "\n".join(lines)
     print(table)
     if not args.no_record:
@@ -89,7 +121,9 @@ def main() -> None:
             f"Layer-1 accuracy, HWU64 {args.split}",
             f"{len(config['bots'])} development bots, {len(rows)} rows ({args.split} split, fillers excluded). "
             "naive = max cosine to the scenario bullets; block@95 = off-topic blocked when 95% of on-topic "
-            "pass; calibrated = at the threshold calibrated from the scenario document alone.\n\n" + table,
+            "pass; calibrated = at the threshold calibrated from the scenario document alone. Dropping the "
+            "background messages a document covers is for that calibration, not the ranking (see README).\n\n"
+            + table,
         )
 
 
