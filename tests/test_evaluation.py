@@ -17,6 +17,8 @@ from guardrail.evaluation import (
     threshold_for_pass,
 )
 
+from samples import REPORT_KEYS
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,16 +144,7 @@ def test_report_on_overlapping_scores() -> None:
 def test_report_keys() -> None:
     scores = arr(0.9, 0.1)
     result = report(scores, np.array([True, False]), threshold=0.5).as_dict()
-    assert list(result) == [
-        "auroc",
-        "block_rate_at_pass_95",
-        "pass_rate_at_leak_5",
-        "threshold",
-        "pass_rate",
-        "block_rate",
-        "n_on",
-        "n_off",
-    ]
+    assert list(result) == REPORT_KEYS
     assert isinstance(result["n_on"], int)
     assert isinstance(result["auroc"], float)
 

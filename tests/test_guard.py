@@ -8,25 +8,7 @@ import pytest
 from guardrail import Guard, Verdict, parse_scenario
 from guardrail.errors import ConfigError, ScenarioError
 
-ON_TOPIC = [
-    "Is the two-bedroom flat on Station Road still available to rent?",
-    "What documents do I need to apply for a rental?",
-    "How much deposit do I need to buy a home?",
-    "I'd like a free valuation of my house before I sell it",
-    "When is my rent due each month?",
-    "Am I allowed to keep a cat in my rented apartment?",
-    "How long does it take from an accepted offer to getting the keys?",
-    "What commission do you charge landlords for managing a property?",
-]
-OFF_TOPIC = [
-    "What's the weather forecast for Berlin tomorrow?",
-    "Give me a recipe for chocolate chip cookies",
-    "Can you help me solve this quadratic equation for my maths homework?",
-    "Tell me a joke about penguins",
-    "Recommend a good sci-fi movie to watch tonight",
-    "What is the capital of Australia?",
-]
-VIEWING = "Booking, rescheduling or cancelling a property viewing or open house"
+from samples import OFF_TOPIC, ON_TOPIC, VIEWING
 
 
 def small_guard(guard: Guard, cache_size: int) -> Guard:

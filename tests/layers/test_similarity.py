@@ -12,30 +12,9 @@ from guardrail.errors import ConfigError
 from guardrail.layers.similarity import Calibration, SimilarityLayer, load_background, softmax_pool
 from guardrail.scenario import ScenarioDocument, load_scenario, parse_scenario
 
-ROOT = Path(__file__).resolve().parents[2]
+from samples import OFF_TOPIC, ON_TOPIC, VIEWING
 
-ON_TOPIC = [
-    "Is the two-bedroom flat on Station Road still available to rent?",
-    "Can I book a viewing of the house on Chestnut Avenue next Tuesday?",
-    "What documents do I need to apply for a rental?",
-    "My landlord hasn't fixed the broken heating yet, can you chase the repair?",
-    "How much deposit do I need to buy a home?",
-    "I'd like a free valuation of my house before I sell it",
-    "When is my rent due each month?",
-    "Am I allowed to keep a cat in my rented apartment?",
-    "What commission do you charge landlords for managing a property?",
-]
-OFF_TOPIC = [
-    "What's the weather forecast for Berlin tomorrow?",
-    "Will it snow this weekend?",
-    "Give me a recipe for chocolate chip cookies",
-    "How long should I boil an egg?",
-    "Can you help me solve this quadratic equation for my maths homework?",
-    "Write my history essay on the French Revolution",
-    "Tell me a joke about penguins",
-    "Who won the football match last night?",
-]
-VIEWING = "Booking, rescheduling or cancelling a property viewing or open house"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
