@@ -9,7 +9,8 @@ to the document's items (scenarios and examples) and to a background of generic 
 so a message scores high when it is much closer to the bot's scope than to chat in general. The pool
 sits between the mean (tau -> 0) and the max (tau -> inf): several matching items count for more than
 one. Background messages that the document itself covers (a weather bot's background still has weather
-questions) are dropped at load, so the document's own topics are never argued against.
+questions) are dropped at load. That hardly changes the ranking, but it keeps the background's upper
+tail, which the calibration below relies on, made of generic chat rather than of the bot's own topic.
 
 The threshold comes from the document alone, as the lower of two estimates:
 - the ``1 - target_pass`` quantile of the document's items scored leave-one-out (each item against the
@@ -52,7 +53,7 @@ def softmax_pool(similarities: NDArray[np.float32], tau: float = TAU) -> NDArray
 
 @dataclass(frozen=True)
 class Calibration:
-    """How the threshold was chosen, for logs, model cards and `guardrail check`."""
+    """How the threshold was chosen, for logs, model cards and `guardrail eval`."""
 
     threshold: float
     source: Literal["document", "background", "setting"]
