@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +13,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from guardrail.errors import GuardrailError
+from guardrail.errors import GuardrailError, ModelError
+from guardrail.models import EXPORT_FILES
 from guardrail.settings import Settings
 
 
@@ -53,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-model", help="export the encoder to ONNX into the cache")
     export.add_argument("--model", help="directory, installed model package or hub name")
     export.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also copy the export here, for servers without torch (--model DIR)",
+    )
     export.set_defaults(run=_export)
     return parser
 
@@ -150,7 +159,22 @@ def _export(args: argparse.Namespace) -> int:
     encoder = Encoder.load(settings.model, cache_dir=settings.cache_path)
     cosine = encoder.meta.get("verified_min_cosine")
     print(f"{encoder.id}: exported to {encoder.path} (min cosine to sentence-transformers: {cosine})")
+    if args.out is not None and encoder.path is not None:
+        copy_export(encoder.path, args.out)
+        print(f"copied to {args.out}: serve it with --model {args.out} (no torch needed)")
     return 0
+
+
+def copy_export(source: Path, out: Path) -> None:
+    """Copy an exported model's files into ``out``, each replaced in one rename."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in EXPORT_FILES:
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(source / name, tmp)
+            os.replace(tmp, out / name)
+    except OSError as exc:
+        raise ModelError(f"cannot copy the export to {out}: {exc}") from exc
 
 
 if __name__ == "__main__":

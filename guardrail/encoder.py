@@ -36,8 +36,8 @@ class Encoder:
         self.meta = meta
         self.dim = int(meta["dim"])
         self.inputs: list[str] = list(meta["inputs"])
-        # The export directory is named by the model's content hash: that names this exact encoder.
-        self.id = f"{meta['model']}@{path.name if path else 'memory'}"
+        # The model's content hash names this exact encoder, wherever its export was copied to.
+        self.id = f"{meta['model']}@{meta.get('key') or (path.name if path else 'memory')}"
 
     @classmethod
     def load(
@@ -48,8 +48,10 @@ class Encoder:
         export: bool = True,
     ) -> Encoder:
         """Resolve ``model``, export it to ONNX if the cache has no export yet, and load it."""
-        cache_dir = cache_dir or default_cache_dir()
         source = resolve_model(model)
+        if source.origin == "export":
+            return cls.from_dir(source.path, threads=threads)
+        cache_dir = cache_dir or default_cache_dir()
         key = content_key(source, cache_dir)
         export_dir = cache_dir / "models" / key
         if not (export_dir / "meta.json").is_file():
@@ -57,7 +59,7 @@ class Encoder:
                 raise ModelError(f"model {model!r} has not been exported yet: run `guardrail export-model`")
             from guardrail.export import export_onnx
 
-            export_onnx(source, export_dir)
+            export_onnx(source, export_dir, key)
         return cls.from_dir(export_dir, threads=threads)
 
     @classmethod
@@ -65,6 +67,8 @@ class Encoder:
         """Load an exported model directory (model.onnx, tokenizer.json, meta.json)."""
         try:
             meta = json.loads((path / "meta.json").read_text())
+            if not isinstance(meta, dict) or not {"model", "dim", "inputs"} <= meta.keys():
+                raise ValueError("meta.json lacks model, dim or inputs")
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             options = ort.SessionOptions()
             # One thread per process: on two vCPUs, two intra-op threads spin and double the CPU per query.

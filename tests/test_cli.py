@@ -286,6 +286,20 @@ def test_export_model_uses_guardrail_cache_dir(cache_env: Path, capsys: pytest.C
     assert f"exported to {cache_env / 'models'}" in capsys.readouterr().out
 
 
+def test_export_model_out_writes_a_servable_directory(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "served-model"
+    assert main(["export-model", "--cache-dir", str(model_cache), "--out", str(out)]) == 0
+    assert f"copied to {out}: serve it with --model {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx", "tokenizer.json"]
+    args = ["check", "--json", "--model", str(out), "--scenario", str(real_estate_path)]
+    assert main([*args, "--cache-dir", str(tmp_path / "no-cache"), "can I book a viewing?"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["allowed"] is True
+    assert row["scenario"] == VIEWING
+
+
 # --- the real command, in a subprocess -----------------------------------------------------------
 
 

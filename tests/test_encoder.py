@@ -156,3 +156,26 @@ def test_serving_never_imports_torch(
     out = json.loads(result.stdout)
     assert out["allowed"] == [True, False]
     assert out["heavy"] == []
+
+
+def test_an_export_directory_is_served_as_it_is(encoder: Encoder, tmp_path: Path) -> None:
+    # What `guardrail export-model --out DIR` writes: servers load it without torch or the source weights.
+    assert encoder.path is not None
+    out = tmp_path / "export"
+    out.mkdir()
+    for name in ("model.onnx", "tokenizer.json", "meta.json"):
+        (out / name).symlink_to(encoder.path / name)
+    source = resolve_model(str(out))
+    assert source.origin == "export"
+    copy = Encoder.load(str(out), cache_dir=tmp_path / "unused-cache")
+    assert copy.id == encoder.id
+    np.testing.assert_allclose(copy.encode(TEXTS), encoder.encode(TEXTS), atol=1e-6)
+    assert not (tmp_path / "unused-cache").exists()
+
+
+def test_a_broken_export_directory_is_a_model_error(tmp_path: Path) -> None:
+    for name in ("model.onnx", "tokenizer.json"):
+        (tmp_path / name).write_text("not a model")
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(ModelError, match="cannot load the exported model"):
+        Encoder.load(str(tmp_path))

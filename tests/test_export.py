@@ -56,7 +56,7 @@ def test_export_without_the_export_extra_says_what_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if it were not installed
     with pytest.raises(MissingExtraError) as info:
-        export_onnx(resolve_model(DEFAULT_MODEL), tmp_path / "out")
+        export_onnx(resolve_model(DEFAULT_MODEL), tmp_path / "out", "key")
     assert isinstance(info.value, ModelError)
     assert "pip install" in str(info.value)
     assert "guardrail[export]" in str(info.value)
@@ -76,3 +76,16 @@ def test_export_directory_respects_the_umask(export_dir: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(export_dir.stat().st_mode) == 0o777 & ~umask
+
+
+def test_export_without_onnx_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # torch's exporter only notices a missing onnx package at the very end, with its own error type.
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(MissingExtraError, match=r"guardrail\[export\].*missing: onnx"):
+        export_onnx(resolve_model(DEFAULT_MODEL), tmp_path / "out", "key")
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_names_the_content_key(export_dir: Path) -> None:
+    meta = json.loads((export_dir / "meta.json").read_text())
+    assert meta["key"] == export_dir.name
