@@ -175,3 +175,18 @@ def test_check_and_check_many_agree(guard: Guard) -> None:
         assert a.allowed == b.allowed
         assert a.scenario == b.scenario
         assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_concurrent_checks_agree_with_serial_ones_and_keep_the_cache_bounded(guard: Guard) -> None:
+    # The proxy will call the guard from a thread pool: the shared cache must stay consistent.
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"{t} (variant {i})" for i in range(12) for t in ON_TOPIC + OFF_TOPIC]
+    serial = {t: small_guard(guard, cache_size=0).check(t) for t in texts}
+    shared = small_guard(guard, cache_size=50)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(shared.check, texts * 3))
+    for text, verdict in zip(texts * 3, results, strict=True):
+        assert verdict.allowed == serial[text].allowed
+        assert abs(verdict.score - serial[text].score) < 1e-5
+    assert len(shared._cache) <= 50
