@@ -107,11 +107,12 @@ class SimilarityLayer:
 
         # Drop background messages the document covers: those as close to it as its own items are
         # to each other. A one-item document has no such reference, and keeps the whole background.
-        background_vectors = background_all
-        if len(items) > 1:
-            item_loo = leave_one_out_pool(item_vectors @ item_vectors.T, tau)
-            on_items = softmax_pool(background_all @ item_vectors.T, tau)
-            background_vectors = background_all[on_items < np.quantile(item_loo, 1 - target_pass)]
+        item_loo = leave_one_out_pool(item_vectors @ item_vectors.T, tau) if len(items) > 1 else None
+        background_on_items = softmax_pool(background_all @ item_vectors.T, tau)
+        kept = np.ones(len(background_all), dtype=bool)
+        if item_loo is not None:
+            kept = background_on_items < np.quantile(item_loo, 1 - target_pass)
+        background_vectors = background_all[kept]
 
         n_scenarios = len(document.scenarios)
         nearest = np.arange(len(items))
@@ -119,7 +120,15 @@ class SimilarityLayer:
             example_to_scenario = item_vectors[n_scenarios:] @ item_vectors[:n_scenarios].T
             nearest[n_scenarios:] = example_to_scenario.argmax(axis=1)
 
-        calibration = _calibrate(item_vectors, background_vectors, target_pass, background_pass, tau)
+        calibration = _calibrate(
+            item_vectors,
+            background_vectors,
+            item_loo,
+            background_on_items[kept],
+            target_pass,
+            background_pass,
+            tau,
+        )
         if threshold is not None:
             calibration = Calibration(
                 threshold, "setting", calibration.document_quantile, calibration.background_quantile
@@ -149,17 +158,21 @@ def leave_one_out_pool(similarities: NDArray[np.float32], tau: float = TAU) -> N
 
 
 def _calibrate(
-    items: Vectors, background: Vectors, target_pass: float, background_pass: float, tau: float
+    items: Vectors,
+    background: Vectors,
+    item_loo: NDArray[np.float32] | None,
+    background_on_items: NDArray[np.float32],
+    target_pass: float,
+    background_pass: float,
+    tau: float,
 ) -> Calibration:
-    # Leave-one-out both ways: each document item against the other items, each background message
-    # against the other background messages, so no score sees its own vector.
-    background_scores = softmax_pool(background @ items.T, tau) - leave_one_out_pool(
-        background @ background.T, tau
-    )
+    # Leave-one-out both ways: each document item against the other items (``item_loo``), each
+    # background message against the other background messages, so no score sees its own vector.
+    background_scores = background_on_items - leave_one_out_pool(background @ background.T, tau)
     background_quantile = float(np.quantile(background_scores, 1 - background_pass))
-    if len(items) < 2:
+    if item_loo is None:
         return Calibration(background_quantile, "background", None, background_quantile)
-    item_scores = leave_one_out_pool(items @ items.T, tau) - softmax_pool(items @ background.T, tau)
+    item_scores = item_loo - softmax_pool(items @ background.T, tau)
     document_quantile = float(np.quantile(item_scores, 1 - target_pass))
     if document_quantile <= background_quantile:
         return Calibration(document_quantile, "document", document_quantile, background_quantile)
