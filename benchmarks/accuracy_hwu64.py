@@ -24,6 +24,10 @@ HERE = Path(__file__).parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "hwu64"
 
 
+NAIVE = "max cosine to the bullets (naive)"
+SHIPPED = "minus pooled background, covered dropped (shipped)"
+
+
 def ablation(guard: Guard, vectors: np.ndarray, background: np.ndarray) -> dict[str, np.ndarray]:
     """Layer 1 built up one step at a time, from naive max cosine to the shipped score."""
     document = guard.document
@@ -32,11 +36,11 @@ def ablation(guard: Guard, vectors: np.ndarray, background: np.ndarray) -> dict[
     on_items = vectors @ items.T
     pooled = softmax_pool(on_items)
     return {
-        "max cosine to the bullets (naive)": (vectors @ bullets.T).max(axis=1),
+        NAIVE: (vectors @ bullets.T).max(axis=1),
         "max cosine to bullets and examples": on_items.max(axis=1),
         "pooled (tau 10) over bullets and examples": pooled,
         "minus pooled background, whole background": pooled - softmax_pool(vectors @ background.T),
-        "minus pooled background, covered dropped (shipped)": guard.similarity.score(vectors)[0],
+        SHIPPED: guard.similarity.score(vectors)[0],
     }
 
 
@@ -71,11 +75,10 @@ def main() -> None:
             vectors = guard.encoder.encode(texts)
             background = guard.encoder.encode(load_background())
         on_topic = np.isin(intents, scope)
-        scores, _ = guard.similarity.score(vectors)
-        ours = report(scores.astype(np.float64), on_topic, guard.threshold)
-        bullets = guard.encoder.encode(guard.document.scenarios)
-        naive = report((vectors @ bullets.T).max(axis=1).astype(np.float64), on_topic, 0.0)
-        for name, variant in ablation(guard, vectors, background).items():
+        variants = ablation(guard, vectors, background)
+        ours = report(variants[SHIPPED].astype(np.float64), on_topic, guard.threshold)
+        naive = report(variants[NAIVE].astype(np.float64), on_topic, 0.0)
+        for name, variant in variants.items():
             result = report(variant.astype(np.float64), on_topic, 0.0)
             steps.setdefault(name, []).append((result.auroc, result.block_rate_at_pass_95))
         for key, value in zip(
