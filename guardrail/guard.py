@@ -2,6 +2,11 @@
 
 One embedding per message is computed and shared by every layer. Decisions for repeated messages
 come from a bounded LRU cache, so a retried or popular question costs a dictionary look-up.
+
+Follow-ups: a message judged off topic that reads as a content-free follow-up ("and the second one?")
+is judged again together with the previous user turn, and that joint verdict stands. A follow-up after
+an on-topic question passes; after an off-topic one it stays blocked. A message with a topic of its own
+is judged alone, so an off-topic question cannot ride on an on-topic opener.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +35,16 @@ class Verdict:
     threshold: float
     layer: Layer
     scenario: str
+    followup: bool = False  # the message reads as a follow-up that needs the previous turn
+    context: bool = False  # judged together with the previous user turn
+
+
+@dataclass(frozen=True)
+class Query:
+    """One message to judge, with the previous user turn when the conversation has one."""
+
+    text: str
+    previous: str | None = None
 
 
 class Guard:
@@ -69,6 +84,24 @@ class Guard:
         """Judge one message."""
         return self.check_many([text])[0]
 
+    def judge(self, text: str, previous: str | None = None) -> Verdict:
+        """Judge one message of a conversation, using the previous user turn for follow-ups."""
+        return self.judge_many([Query(text, previous)])[0]
+
+    def judge_many(self, queries: Sequence[Query]) -> list[Verdict]:
+        """Judge several messages of conversations; the encoder runs at most twice."""
+        verdicts = self.check_many([q.text for q in queries])
+        retry = [
+            i
+            for i, (q, v) in enumerate(zip(queries, verdicts, strict=True))
+            if not v.allowed and v.followup and q.previous and q.previous.strip()
+        ]
+        if retry:
+            joint = self.check_many([f"{queries[i].previous}\n{queries[i].text}" for i in retry])
+            for i, verdict in zip(retry, joint, strict=True):
+                verdicts[i] = replace(verdict, followup=True, context=True)
+        return verdicts
+
     def check_many(self, texts: Sequence[str]) -> list[Verdict]:
         """Judge several messages with one encoder call for those not in the cache."""
         keys = [_normalise(t) for t in texts]
@@ -96,6 +129,7 @@ class Guard:
     def _decide(self, texts: list[str]) -> list[Verdict]:
         vectors = self.encoder.encode(texts)
         scores, nearest = self.similarity.score(vectors)
+        followups = self.similarity.followup(vectors)
         threshold = self.similarity.threshold
         scenarios = self.document.scenarios
         return [
@@ -105,8 +139,9 @@ class Guard:
                 threshold=threshold,
                 layer="similarity",
                 scenario=scenarios[index],
+                followup=bool(followup),
             )
-            for score, index in zip(scores, nearest, strict=True)
+            for score, index, followup in zip(scores, nearest, followups, strict=True)
         ]
 
 

@@ -17,6 +17,12 @@ The threshold comes from the document alone, as the lower of two estimates:
   rest), an estimate of how on-topic messages score; real messages are less like the document than its
   own items are, so this alone is too strict;
 - the score that only ``background_pass`` of the background reaches (again leave-one-out).
+
+Short follow-ups ("and the second one?", "how much is it?") carry no topic of their own, so they score
+low on any document. The layer flags a message as a follow-up when its nearest neighbour among the
+background and a shipped list of content-free follow-ups is a follow-up; the guard then judges it with
+the previous user turn (see ``Guard.judge``). A short off-topic question ("and the weather tomorrow?")
+is nearer to the background's weather questions than to any follow-up, so it is judged alone.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ TAU = 10.0
 def load_background() -> tuple[str, ...]:
     """The shipped background: generic chatbot messages (CC0, see guardrail/data/README.md)."""
     text = resources.files("guardrail.data").joinpath("background.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def load_followups() -> tuple[str, ...]:
+    """The shipped content-free follow-ups (CC0, see guardrail/data/README.md)."""
+    text = resources.files("guardrail.data").joinpath("followups.txt").read_text(encoding="utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
@@ -72,6 +84,7 @@ class SimilarityLayer:
         nearest_scenario: NDArray[np.intp],
         calibration: Calibration,
         tau: float = TAU,
+        followup_vectors: Vectors | None = None,
     ) -> None:
         self.document = document
         self.item_vectors = item_vectors
@@ -83,6 +96,8 @@ class SimilarityLayer:
         # One matrix product scores a message against both sets.
         self._all = np.ascontiguousarray(np.vstack([item_vectors, background_vectors]).T)
         self._n_items = len(item_vectors)
+        self.followup_vectors = followup_vectors
+        self._followups = None if followup_vectors is None else np.ascontiguousarray(followup_vectors.T)
 
     @classmethod
     def build(
@@ -94,6 +109,7 @@ class SimilarityLayer:
         background_pass: float = 0.01,
         threshold: float | None = None,
         tau: float = TAU,
+        followups: tuple[str, ...] | None = None,
     ) -> SimilarityLayer:
         """Embed the document once and calibrate the threshold from it."""
         if not 0.5 <= target_pass < 1.0:
@@ -133,7 +149,9 @@ class SimilarityLayer:
             calibration = Calibration(
                 threshold, "setting", calibration.document_quantile, calibration.background_quantile
             )
-        return cls(document, item_vectors, background_vectors, nearest, calibration, tau)
+        followups = load_followups() if followups is None else followups
+        followup_vectors = _cached_encode(encoder, followups) if followups else None
+        return cls(document, item_vectors, background_vectors, nearest, calibration, tau, followup_vectors)
 
     def score(self, vectors: Vectors) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
         """Scores (higher is more on topic) and the index of each message's nearest scenario."""
@@ -143,6 +161,14 @@ class SimilarityLayer:
             similarities[:, self._n_items :], self.tau
         )
         return scores, self.nearest_scenario[on_document.argmax(axis=1)]
+
+    def followup(self, vectors: Vectors) -> NDArray[np.bool_]:
+        """Which messages read as content-free follow-ups: nearer a follow-up than any background message."""
+        if self._followups is None:
+            return np.zeros(len(vectors), dtype=bool)
+        nearest_followup = (vectors @ self._followups).max(axis=1)
+        nearest_background = (vectors @ self._all[:, self._n_items :]).max(axis=1)
+        return np.asarray(nearest_followup > nearest_background, dtype=bool)
 
 
 def leave_one_out_pool(similarities: NDArray[np.float32], tau: float = TAU) -> NDArray[np.float32]:
