@@ -1,49 +1,86 @@
-"""One settings path: command-line flags, then ``GUARDRAIL_*`` environment variables, then defaults.
+"""One settings path: command-line flags, then ``GUARDRAIL_*`` environment variables, then a TOML file,
+then defaults.
 
-Every entry point builds one frozen ``Settings`` with ``Settings.load(**flags)``; the environment is read
-then, never at import time.
+Every entry point builds one frozen ``Settings`` with ``Settings.load(config=..., **flags)``; the
+environment and the file are read then, never at import time. The TOML file holds the same names at its
+top level (``upstream = "http://..."``, ``read_timeout = 60``); relative paths in it are relative to
+the file. The file is ``--config``, else ``GUARDRAIL_CONFIG``, else none.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from guardrail.errors import ConfigError
 from guardrail.models import DEFAULT_MODEL, default_cache_dir
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Mode = Literal["enforce", "shadow"]
+MODES: tuple[Mode, ...] = ("enforce", "shadow")
+DEFAULT_REFUSAL = "I'm sorry, this question is off-topic. I cannot answer that."
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the guard needs to start."""
+    """Everything the guard and the server need to start."""
 
+    # The guard.
+    scenario: Path | None = None
     model: str = DEFAULT_MODEL
     cache_dir: Path | None = None
     threads: int = 1
     target_pass: float = 0.95
     threshold: float | None = None
     cache_size: int = 4096
+    # The server.
+    upstream: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mode: Mode = "enforce"
+    refusal: str = DEFAULT_REFUSAL
+    max_body_bytes: int = 10 * 2**20
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+    max_connections: int = 100
+    encoder_workers: int = 2
+    max_batch: int = 32
+    # The interaction log; an empty path turns it off.
+    log_path: Path | None = Path("interactions.jsonl")
+    log_max_bytes: int = 100 * 2**20
+    log_backups: int = 5
+    log_queue: int = 10_000
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None, **flags: Any) -> Settings:
-        """Merge flags (None means not given) over ``GUARDRAIL_<NAME>`` variables over defaults."""
+    def load(
+        cls, environ: Mapping[str, str] | None = None, config: Path | None = None, **flags: Any
+    ) -> Settings:
+        """Merge flags (None means not given) over ``GUARDRAIL_<NAME>`` over the TOML file over defaults."""
         environ = os.environ if environ is None else environ
-        unknown = set(flags) - {field.name for field in fields(cls)}
+        names = {field.name for field in fields(cls)}
+        unknown = set(flags) - names
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            flag = flags.get(field.name)
+        if config is None and environ.get("GUARDRAIL_CONFIG", "").strip():
+            config = Path(environ["GUARDRAIL_CONFIG"].strip())
+        values: dict[str, Any] = _read_toml(config, names) if config is not None else {}
+        for name in names:
+            flag = flags.get(name)
+            variable = f"GUARDRAIL_{name.upper()}"
             if flag is not None:
-                values[field.name] = flag
-            elif environ.get(f"GUARDRAIL_{field.name.upper()}", "").strip():
+                values[name] = _coerce(name, flag, f"--{name.replace('_', '-')}")
+            elif environ.get(variable, "").strip():
                 # An empty variable counts as unset, as in most shells' configuration habits.
-                raw = environ[f"GUARDRAIL_{field.name.upper()}"].strip()
-                values[field.name] = _convert(field.name, raw)
+                values[name] = _coerce(name, environ[variable].strip(), variable)
         settings = cls(**values)
         settings.validate()
         return settings
@@ -63,16 +100,85 @@ class Settings:
             raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
         if self.cache_size < 0:
             raise ConfigError(f"cache_size must be 0 or more, got {self.cache_size}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.refusal.strip():
+            raise ConfigError("refusal must not be empty")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        for name in ("max_body_bytes", "max_connections", "encoder_workers", "max_batch", "log_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("connect_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        if self.log_max_bytes < 1024:
+            raise ConfigError(f"log_max_bytes must be at least 1024, got {self.log_max_bytes}")
+        if self.log_backups < 0:
+            raise ConfigError(f"log_backups must be 0 or more, got {self.log_backups}")
+        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream must be an http:// or https:// URL, got {self.upstream!r}")
 
 
-_TYPES: dict[str, type] = {"threads": int, "target_pass": float, "threshold": float, "cache_size": int}
+_KINDS: dict[str, type] = {
+    "threads": int,
+    "target_pass": float,
+    "threshold": float,
+    "cache_size": int,
+    "port": int,
+    "max_body_bytes": int,
+    "connect_timeout": float,
+    "read_timeout": float,
+    "max_connections": int,
+    "encoder_workers": int,
+    "max_batch": int,
+    "log_max_bytes": int,
+    "log_backups": int,
+    "log_queue": int,
+}
+_PATHS = {"scenario", "cache_dir", "log_path"}
 
 
-def _convert(name: str, raw: str) -> Any:
-    if name == "cache_dir":
-        return Path(raw)
-    kind = _TYPES.get(name, str)
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Turn a flag, environment or TOML value into the setting's type, or say where it was wrong."""
+    if name in _PATHS:
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {name} must be a path, got {value!r}")
+        # An empty log path turns the log off; an empty scenario or cache path means "not set".
+        return Path(value) if value.strip() else None
+    kind = _KINDS.get(name, str)
+    if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
+        raise ConfigError(f"{where}: {name} must be a {kind.__name__}, got {value!r}")
     try:
-        return kind(raw)
-    except ValueError as exc:
-        raise ConfigError(f"GUARDRAIL_{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        result = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {name}={value!r} is not a valid {kind.__name__}") from exc
+    if kind is int and isinstance(value, float) and value != result:
+        raise ConfigError(f"{where}: {name} must be a whole number, got {value!r}")
+    if kind is float and not math.isfinite(result):
+        raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+    return result
+
+
+def _read_toml(path: Path, names: set[str]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            table = tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    values = {name: _coerce(name, value, str(path)) for name, value in table.items()}
+    for name in _PATHS:
+        value = values.get(name)
+        if isinstance(value, Path) and not value.is_absolute():
+            values[name] = path.parent / value
+    return values
