@@ -1,4 +1,4 @@
-"""The ``guardrail`` command: check | eval | export-model."""
+"""The ``guardrail`` command: serve | check | eval | export-model."""
 
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description="Keep a chatbot on topic.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the guarding reverse proxy in front of an LLM endpoint")
+    serve.add_argument("--scenario", type=Path, help="the scenario document (Markdown)")
+    serve.add_argument(
+        "--upstream", help="the OpenAI-compatible endpoint to guard, e.g. http://127.0.0.1:8080"
+    )
+    serve.add_argument("--config", type=Path, help="a TOML file of settings (flags and GUARDRAIL_* win)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--mode", choices=["enforce", "shadow"], help="shadow never blocks (default enforce)")
+    serve.add_argument("--refusal", help="the sentence blocked requests are answered with")
+    serve.add_argument("--log-path", help="the interaction log (JSONL; default interactions.jsonl; '' = off)")
+    serve.add_argument("--model", help="encoder: directory, installed model package or hub name")
+    serve.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
+    serve.add_argument("--threshold", type=float, help="layer-1 threshold (default: calibrated)")
+    serve.add_argument("--target-pass", type=float, help="on-topic pass rate to calibrate for (default 0.95)")
+    serve.add_argument("--threads", type=int, help="encoder threads per worker (default 1)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="judge messages against a scenario document")
     _guard_options(check)
@@ -96,6 +117,68 @@ def _load_guard(args: argparse.Namespace) -> Any:
         threshold=settings.threshold,
         cache_size=settings.cache_size,
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from guardrail.errors import ConfigError
+    from guardrail.guard import Guard
+    from guardrail.proxy import create_app
+
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "scenario",
+            "upstream",
+            "host",
+            "port",
+            "mode",
+            "refusal",
+            "log_path",
+            "model",
+            "cache_dir",
+            "threshold",
+            "target_pass",
+            "threads",
+        )
+    }
+    settings = Settings.load(config=args.config, **flags)
+    if settings.scenario is None:
+        raise ConfigError(
+            "no scenario document: give --scenario, GUARDRAIL_SCENARIO or scenario = in --config"
+        )
+    if settings.upstream is None:
+        raise ConfigError("no upstream: give --upstream, GUARDRAIL_UPSTREAM or upstream = in --config")
+    guard = Guard.load(
+        settings.scenario,
+        model=settings.model,
+        cache_dir=settings.cache_path,
+        threads=settings.threads,
+        target_pass=settings.target_pass,
+        threshold=settings.threshold,
+        cache_size=settings.cache_size,
+    )
+    app = create_app(settings, guard)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO; uvicorn's access log already shows each request.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"guardrail: guarding {settings.upstream} with {settings.scenario} "
+        f"({guard.document.title}; threshold {guard.threshold:+.4f}, mode {settings.mode})\n"
+        f"guardrail: clients use base URL {base}/v1; metrics at {base}/metrics; "
+        f"log {settings.log_path or 'off'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10
+    )
+    uvicorn.Server(config).run()
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -1,0 +1,137 @@
+"""The HTTP-agnostic request pipeline shared by the proxy and the middleware.
+
+A ``Gate`` turns a parsed conversation into a ``Decision`` (asking the guard, off the event loop),
+names it in response headers, and writes the interaction record and metrics once the reply is known.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import quote
+
+from guardrail.batching import Batcher
+from guardrail.guard import Guard, Query, Verdict
+from guardrail.interactions import InteractionLog, new_id
+from guardrail.metrics import Metrics
+from guardrail.protocols.base import Conversation
+from guardrail.settings import DEFAULT_REFUSAL, Mode
+
+Action = Literal["passed", "blocked", "would-block", "unjudged"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens to one request, and the verdict behind it."""
+
+    id: str
+    action: Action
+    verdict: Verdict | None
+    guard_seconds: float
+    started: float  # time.perf_counter() when the request arrived
+
+    @property
+    def blocked(self) -> bool:
+        """True when the request is answered with the refusal and never reaches the upstream."""
+        return self.action == "blocked"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The ``x-guardrail-*`` response headers."""
+        verdict = self.verdict
+        return [
+            (b"x-guardrail-id", self.id.encode()),
+            (b"x-guardrail-verdict", self.action.encode()),
+            (b"x-guardrail-layer", (verdict.layer if verdict else "none").encode()),
+            (b"x-guardrail-score", (f"{verdict.score:.4f}" if verdict else "none").encode()),
+            # Header values are ASCII: a scenario in another script is percent-encoded.
+            (
+                b"x-guardrail-scenario",
+                quote(verdict.scenario if verdict else "", safe=" -_.,;:/()'&+").encode(),
+            ),
+        ]
+
+
+class Gate:
+    """Judges requests for one scenario and records what happened to them."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        batcher: Batcher[Query, Verdict] | None = None,
+        mode: Mode = "enforce",
+        refusal: str = DEFAULT_REFUSAL,
+        log: InteractionLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.guard = guard
+        self.batcher = batcher if batcher is not None else Batcher(guard.judge_many)
+        self.mode = mode
+        self.refusal = refusal
+        self.log = log
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.scenario = guard.document.name
+
+    async def decide(self, conversation: Conversation) -> Decision:
+        """Judge the conversation's last user message, with the previous turn as context."""
+        started = time.perf_counter()
+        if conversation.text is None:
+            return Decision(new_id(), "unjudged", None, 0.0, started)
+        verdict = await self.batcher.submit(Query(conversation.text, conversation.previous))
+        elapsed = time.perf_counter() - started
+        self.metrics.guard_seconds.observe(elapsed)
+        if verdict.allowed:
+            action: Action = "passed"
+        else:
+            action = "blocked" if self.mode == "enforce" else "would-block"
+        return Decision(new_id(), action, verdict, elapsed, started)
+
+    def record(
+        self,
+        decision: Decision,
+        conversation: Conversation,
+        path: str,
+        status: int | None = None,
+        usage: dict[str, Any] | None = None,
+        reply: str | None = None,
+        upstream_seconds: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Count the request and queue its interaction record; never blocks, never raises."""
+        verdict = decision.verdict
+        self.metrics.requests.labels(
+            decision.action, verdict.layer if verdict else "none", self.scenario
+        ).inc()
+        if self.log is None:
+            return
+        record = {
+            "id": decision.id,
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "scenario": self.scenario,
+            "mode": self.mode,
+            "path": path,
+            "model": conversation.model,
+            "stream": conversation.stream,
+            "text": conversation.text,
+            "context": conversation.previous,
+            "verdict": decision.action,
+            "layer": verdict.layer if verdict else None,
+            "score": round(verdict.score, 6) if verdict else None,
+            "threshold": round(verdict.threshold, 6) if verdict else None,
+            "nearest_scenario": verdict.scenario if verdict else None,
+            "followup": verdict.followup if verdict else False,
+            "used_context": verdict.context if verdict else False,
+            "upstream": {"status": status, "usage": usage, "error": error},
+            "reply": reply,
+            "latency_ms": {
+                "guard": round(decision.guard_seconds * 1000, 3),
+                "upstream_first_byte": None
+                if upstream_seconds is None
+                else round(upstream_seconds * 1000, 3),
+                "total": round((time.perf_counter() - decision.started) * 1000, 3),
+            },
+        }
+        if not self.log.write(record):
+            self.metrics.log_dropped.inc()
+        self.metrics.log_depth.set(self.log.depth)

@@ -1,0 +1,304 @@
+"""The reverse proxy: guards chat completions and passes everything else through to the upstream.
+
+Clients change only their base URL. ``POST /v1/chat/completions`` (and ``/chat/completions``) is
+judged; a blocked request is answered here with the refusal and never reaches the upstream. Every
+other method and path goes to the upstream unchanged (query, headers, Authorization, body, status,
+streaming). The proxy's own endpoints are ``/metrics`` and ``/healthz``.
+
+Upstream URL: the request path is appended to it, unless the upstream URL already ends with the path's
+first segments, so ``--upstream https://api.openai.com/v1`` and ``--upstream https://api.openai.com``
+both send ``/v1/models`` to ``https://api.openai.com/v1/models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from guardrail.batching import Batcher
+from guardrail.gate import Decision, Gate
+from guardrail.guard import Guard
+from guardrail.interactions import InteractionLog
+from guardrail.metrics import Metrics
+from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
+from guardrail.protocols.openai import OpenAIChat, error_body
+from guardrail.relay import HOP_BY_HOP, RelayOutcome, UpstreamRelay
+from guardrail.settings import Settings
+
+logger = logging.getLogger("guardrail.proxy")
+
+GUARDED_PATHS = ("/v1/chat/completions", "/chat/completions")
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+class BodyTooLarge(Exception):
+    """The request body is over ``max_body_bytes``."""
+
+
+def make_client(settings: Settings) -> httpx.AsyncClient:
+    """The one shared upstream client: timeouts and connection limits on by default."""
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=settings.read_timeout,
+        write=settings.read_timeout,
+        pool=settings.connect_timeout,
+    )
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+    )
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+
+
+def create_app(
+    settings: Settings,
+    guard: Guard,
+    client: httpx.AsyncClient | None = None,
+    log: InteractionLog | None = None,
+    metrics: Metrics | None = None,
+    protocol: ChatProtocol | None = None,
+) -> Starlette:
+    """The proxy app for ``settings.upstream``; a log is opened from the settings unless given."""
+    if settings.upstream is None:
+        from guardrail.errors import ConfigError
+
+        raise ConfigError("the proxy needs an upstream URL (--upstream or GUARDRAIL_UPSTREAM)")
+    if log is None and settings.log_path is not None:
+        log = InteractionLog(
+            settings.log_path,
+            max_bytes=settings.log_max_bytes,
+            backups=settings.log_backups,
+            queue_size=settings.log_queue,
+        )
+    metrics = metrics if metrics is not None else Metrics()
+    batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
+    gate = Gate(guard, batcher, settings.mode, settings.refusal, log, metrics)
+    proxy = Proxy(settings, gate, client or make_client(settings), protocol or OpenAIChat())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if log is not None:
+            log.start()
+        try:
+            yield
+        finally:
+            await proxy.client.aclose()
+            batcher.close()
+            if log is not None:
+                # Flushing may touch the disk: keep it off the loop.
+                await asyncio.to_thread(log.close)
+
+    routes = [
+        Route("/metrics", proxy.metrics, methods=["GET"]),
+        Route("/healthz", proxy.healthz, methods=["GET"]),
+        *(Route(path, proxy.chat, methods=["POST"]) for path in GUARDED_PATHS),
+        Route("/{path:path}", proxy.passthrough, methods=METHODS),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gate = gate
+    app.state.proxy = proxy
+    return app
+
+
+class Proxy:
+    """The proxy's endpoints, sharing one upstream client and one gate."""
+
+    def __init__(self, settings: Settings, gate: Gate, client: httpx.AsyncClient, protocol: ChatProtocol):
+        assert settings.upstream is not None
+        self.settings = settings
+        self.gate = gate
+        self.client = client
+        self.protocol = protocol
+        upstream = httpx.URL(settings.upstream)
+        self.origin = f"{upstream.scheme}://{upstream.netloc.decode('ascii')}"
+        self.prefix = upstream.raw_path.decode("ascii").split("?")[0].rstrip("/")
+
+    def target(self, raw_path: bytes, query: bytes) -> str:
+        """The upstream URL for a request path."""
+        path = raw_path.decode("latin-1")
+        if not (self.prefix and (path == self.prefix or path.startswith(self.prefix + "/"))):
+            path = self.prefix + path
+        return f"{self.origin}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format."""
+        log = self.gate.log
+        if log is not None:
+            self.gate.metrics.log_depth.set(log.depth)
+        return Response(generate_latest(self.gate.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(self, request: Request) -> Response:
+        """The process is alive and serving."""
+        return JSONResponse({"status": "ok", "scenario": self.gate.scenario})
+
+    async def chat(self, request: Request) -> Response:
+        """A guarded chat completion: judged, then refused here or relayed upstream."""
+        metrics = self.gate.metrics
+        try:
+            body = await _read_body(request, self.settings.max_body_bytes)
+            conversation = self.protocol.parse(body)
+        except BodyTooLarge:
+            metrics.rejected.labels("too_large").inc()
+            limit = self.settings.max_body_bytes
+            message = f"the request body is larger than the proxy's limit of {limit} bytes"
+            return _error(413, message, "invalid_request_error")
+        except BadRequest as exc:
+            metrics.rejected.labels("malformed").inc()
+            return _error(400, str(exc), "invalid_request_error")
+        except ClientDisconnect:
+            return Response(status_code=499)
+        decision = await self.gate.decide(conversation)
+        path = request.url.path
+        if decision.blocked:
+            self.gate.record(decision, conversation, path, reply=self.gate.refusal)
+            return self._refusal(decision, conversation)
+        return await self._forward(request, body, decision, conversation)
+
+    def _refusal(self, decision: Decision, conversation: Conversation) -> Response:
+        headers = dict((k.decode(), v.decode()) for k, v in decision.headers())
+        refusal = self.gate.refusal
+        if conversation.stream:
+            chunks = self.protocol.refusal_stream(conversation, refusal, decision.id)
+            response: Response = StreamingResponse(
+                _iterate(chunks), media_type="text/event-stream", headers=headers
+            )
+            response.headers["cache-control"] = "no-cache"
+            return response
+        body = self.protocol.refusal(conversation, refusal, decision.id)
+        return Response(body, media_type="application/json", headers=headers)
+
+    async def _forward(
+        self, request: Request, body: bytes, decision: Decision, conversation: Conversation
+    ) -> Response:
+        headers = _request_headers(request.headers.raw, guarded=True)
+        upstream_request = self.client.build_request(
+            request.method,
+            self.target(request.scope["raw_path"], request.scope["query_string"]),
+            headers=headers,
+            content=body,
+        )
+        sent = time.perf_counter()
+        path = request.url.path
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            response = self._upstream_failed(exc, decision.headers())
+            self.gate.record(
+                decision, conversation, path, status=response.status_code, error=str(exc) or None
+            )
+            return response
+        first_byte = time.perf_counter() - sent
+        self.gate.metrics.upstream_seconds.observe(first_byte)
+        reader = self.protocol.reader(conversation.stream)
+
+        def finished(outcome: RelayOutcome) -> None:
+            if outcome.error:
+                self.gate.metrics.upstream_errors.labels("broken").inc()
+            error = outcome.error or ("the client disconnected" if outcome.disconnected else None)
+            self.gate.record(
+                decision,
+                conversation,
+                path,
+                status=outcome.status,
+                usage=reader.usage,
+                reply=reader.text,
+                upstream_seconds=first_byte,
+                error=error,
+            )
+
+        return UpstreamRelay(upstream, decision.headers(), reader, finished)
+
+    async def passthrough(self, request: Request) -> Response:
+        """Any other request, sent upstream as it came and relayed back as it comes."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            self.gate.metrics.rejected.labels("too_large").inc()
+            limit = self.settings.max_body_bytes
+            return _error(
+                413,
+                f"the request body is larger than the proxy's limit of {limit} bytes",
+                "invalid_request_error",
+            )
+        has_body = length is not None or "transfer-encoding" in request.headers
+        upstream_request = self.client.build_request(
+            request.method,
+            self.target(request.scope["raw_path"], request.scope["query_string"]),
+            headers=_request_headers(request.headers.raw, guarded=False),
+            content=request.stream() if has_body else None,
+        )
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except httpx.HTTPError as exc:
+            return self._upstream_failed(exc, [])
+        return UpstreamRelay(upstream)
+
+    def _upstream_failed(self, exc: httpx.HTTPError, headers: list[tuple[bytes, bytes]]) -> Response:
+        timed_out = isinstance(exc, httpx.TimeoutException)
+        kind = "timeout" if timed_out else "unreachable"
+        self.gate.metrics.upstream_errors.labels(kind).inc()
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        logger.warning("upstream %s: %s", kind, detail)
+        if timed_out:
+            status, message = 504, f"the upstream did not answer in time ({detail})"
+        else:
+            status, message = 502, f"the upstream cannot be reached ({detail})"
+        response = Response(
+            error_body(message, "upstream_error", status), status, media_type="application/json"
+        )
+        response.raw_headers.extend(headers)
+        return response
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus hop-by-hop ones; Authorization and the rest go on as they came."""
+    connection = {
+        name.strip().lower()
+        for key, value in raw
+        if key.lower() == b"connection"
+        for name in value.decode("latin-1").split(",")
+    }
+    drop = HOP_BY_HOP | connection | {"host"}
+    if guarded:
+        # The body is re-sent from memory (httpx sets its length), and the reply is read for the log,
+        # so it is asked for uncompressed.
+        drop |= {"content-length", "accept-encoding"}
+    kept = [(k, v) for k, v in raw if k.decode("latin-1").lower() not in drop]
+    if guarded:
+        kept.append((b"accept-encoding", b"identity"))
+    return kept
+
+
+def _error(status: int, message: str, type: str) -> Response:
+    return Response(error_body(message, type, status), status, media_type="application/json")
+
+
+async def _iterate(chunks: Any) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk

@@ -1,0 +1,131 @@
+"""Relaying an upstream response to the client, unbuffered, and what to do when either side fails.
+
+Each chunk is sent on as it arrives. The relay watches the client's connection at the same time: a
+client that goes away cancels the relay, which closes the upstream request, so an abandoned stream
+stops costing tokens. When the upstream breaks mid-response after the status line has gone out, the
+status can no longer change: an event stream gets a final OpenAI-style ``error`` event (which the SDKs
+raise as an error), any other body is cut short so the client sees an incomplete response rather than a
+silently truncated one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from guardrail.protocols.base import ReplyReader
+from guardrail.protocols.openai import error_body
+
+logger = logging.getLogger("guardrail.proxy")
+
+# Connection-level headers are for one hop only (RFC 9110, section 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+
+def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers minus hop-by-hop ones, raw bytes, in order."""
+    hop = HOP_BY_HOP | {
+        name.strip().lower() for name in upstream.headers.get("connection", "").split(",") if name.strip()
+    }
+    return [(k.lower(), v) for k, v in upstream.headers.raw if k.decode("latin-1").lower() not in hop]
+
+
+@dataclass
+class RelayOutcome:
+    """How a relayed response ended."""
+
+    status: int
+    complete: bool = False  # the whole body reached the client
+    disconnected: bool = False  # the client went away first
+    error: str | None = None  # the upstream broke mid-response
+
+
+class UpstreamRelay(Response):
+    """An ASGI response that streams an open ``httpx.Response`` to the client."""
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        reader: ReplyReader | None = None,
+        on_close: Callable[[RelayOutcome], None] | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.status_code = upstream.status_code
+        self.reader = reader
+        self.on_close = on_close
+        self.raw_headers = response_headers(upstream) + (extra_headers or [])
+        self.sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = RelayOutcome(self.upstream.status_code)
+        relay = asyncio.ensure_future(self._relay(send, outcome))
+        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if relay not in done:
+                outcome.disconnected = True
+                relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+        except OSError:
+            # The client's socket failed while sending (ASGI 2.4 servers raise it): same as leaving.
+            outcome.disconnected = True
+        finally:
+            watch.cancel()
+            relay.cancel()
+            await self.upstream.aclose()
+            if self.reader is not None:
+                self.reader.close()
+            if self.on_close is not None:
+                self.on_close(outcome)
+
+    async def _relay(self, send: Send, outcome: RelayOutcome) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                if self.reader is not None:
+                    self.reader.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            outcome.error = f"the upstream broke off mid-response: {_describe(exc)}"
+            logger.warning("%s", outcome.error)
+            if not self.sse:
+                # Returning without the final body message makes the server close the connection,
+                # so the client sees the response is incomplete.
+                return
+            body = error_body(outcome.error, "upstream_error", 502)
+            await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        outcome.complete = outcome.error is None
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
