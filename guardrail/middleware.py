@@ -1,0 +1,230 @@
+"""Pure ASGI middleware: the same guard in front of an existing chatbot app instead of an upstream.
+
+    app.add_middleware(GuardrailMiddleware, scenario="scenarios/real_estate.md")
+
+Only ``POST`` requests to the guarded paths are judged (``paths`` maps each path to its wire format,
+or lists paths that all speak ``protocol``); every other request, websockets and lifespan
+pass through untouched. A blocked request is answered in the app's own format (an OpenAI
+``chat.completion`` by default, or the reply shape of ``JSONFields``) and never reaches the app. A
+passed one reaches the app with its body replayed, and its reply goes back unbuffered, with the
+``x-guardrail-*`` headers added, while a copy of the text is kept for the interaction log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guardrail.batching import Batcher
+from guardrail.gate import Decision, Gate
+from guardrail.guard import Guard
+from guardrail.interactions import InteractionLog
+from guardrail.metrics import Metrics
+from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation, ReplyReader
+from guardrail.protocols.openai import OpenAIChat, error_body
+from guardrail.settings import Settings
+
+DEFAULT_PATHS = ("/v1/chat/completions", "/chat/completions")
+
+
+class GuardrailMiddleware:
+    """Guards an ASGI app's chat endpoints against off-topic messages."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        scenario: str | Path | None = None,
+        *,
+        guard: Guard | None = None,
+        paths: Sequence[str] | Mapping[str, ChatProtocol] = DEFAULT_PATHS,
+        protocol: ChatProtocol | None = None,
+        settings: Settings | None = None,
+        log: InteractionLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """Load the guard once (from ``scenario`` or ``settings.scenario``) unless one is given."""
+        self.app = app
+        settings = settings if settings is not None else Settings.load(scenario=scenario)
+        if guard is None:
+            source = scenario if scenario is not None else settings.scenario
+            if source is None:
+                from guardrail.errors import ConfigError
+
+                raise ConfigError("GuardrailMiddleware needs a scenario document or a guard")
+            guard = Guard.load(
+                source,
+                model=settings.model,
+                cache_dir=settings.cache_path,
+                threads=settings.threads,
+                target_pass=settings.target_pass,
+                threshold=settings.threshold,
+                cache_size=settings.cache_size,
+            )
+        if log is None and settings.log_path is not None:
+            log = InteractionLog(
+                settings.log_path, settings.log_max_bytes, settings.log_backups, settings.log_queue
+            )
+        protocol = protocol if protocol is not None else OpenAIChat()
+        if isinstance(paths, str):
+            raise TypeError("paths must be a list of paths or a mapping of path to protocol, not one string")
+        self.paths: dict[str, ChatProtocol] = (
+            dict(paths) if isinstance(paths, Mapping) else dict.fromkeys(paths, protocol)
+        )
+        self.max_body_bytes = settings.max_body_bytes
+        batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
+        self.gate = Gate(guard, batcher, settings.mode, settings.refusal, log, metrics)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        await _GuardedRequest(self, scope, receive, send).run()
+
+    def _lifespan_send(self, send: Send) -> Send:
+        log = self.gate.log
+
+        async def lifespan_send(message: Message) -> None:
+            if log is not None and message["type"] == "lifespan.startup.complete":
+                log.start()
+            if log is not None and message["type"] == "lifespan.shutdown.complete":
+                # Flush the interaction log before the server exits; the disk is touched off the loop.
+                await asyncio.to_thread(log.close)
+                self.gate.batcher.close()
+            await send(message)
+
+        return lifespan_send
+
+
+class _GuardedRequest:
+    """Per-request state: the body, the decision, and the reply as it goes by."""
+
+    def __init__(self, middleware: GuardrailMiddleware, scope: Scope, receive: Receive, send: Send):
+        self.middleware = middleware
+        self.gate = middleware.gate
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.protocol = middleware.paths[scope["path"]]
+        self.status: int | None = None
+        self.first_byte: float | None = None
+        self.reader: ReplyReader | None = None
+
+    async def run(self) -> None:
+        middleware = self.middleware
+        body = await self._read_body(middleware.max_body_bytes)
+        if body is None:
+            return
+        try:
+            conversation = self.protocol.parse(body)
+        except BadRequest as exc:
+            self.gate.metrics.rejected.labels("malformed").inc()
+            await self._respond(400, error_body(str(exc), "invalid_request_error", 400))
+            return
+        if self.gate.log is not None:
+            self.gate.log.start()  # idempotent; an app without lifespan events still logs
+        decision = await self.gate.decide(conversation)
+        if decision.blocked:
+            await self._refuse(decision, conversation)
+            return
+        await self._call_app(body, decision, conversation)
+
+    async def _read_body(self, limit: int) -> bytes | None:
+        headers = dict(self.scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await self._too_large(limit)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(limit)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, limit: int) -> None:
+        self.gate.metrics.rejected.labels("too_large").inc()
+        message = f"the request body is larger than the limit of {limit} bytes"
+        await self._respond(413, error_body(message, "invalid_request_error", 413))
+
+    async def _respond(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await self.send({"type": "http.response.start", "status": status, "headers": raw + (headers or [])})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _refuse(self, decision: Decision, conversation: Conversation) -> None:
+        protocol = self.protocol
+        refusal = self.gate.refusal
+        self.gate.record(decision, conversation, self.scope["path"], reply=refusal)
+        if not conversation.stream:
+            await self._respond(200, protocol.refusal(conversation, refusal, decision.id), decision.headers())
+            return
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await self.send(
+            {"type": "http.response.start", "status": 200, "headers": headers + decision.headers()}
+        )
+        for chunk in protocol.refusal_stream(conversation, refusal, decision.id):
+            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await self.send({"type": "http.response.body", "body": b""})
+
+    async def _call_app(self, body: bytes, decision: Decision, conversation: Conversation) -> None:
+        replayed = False
+
+        async def receive() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await self.receive()
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.first_byte = time.perf_counter() - started
+                headers = list(message.get("headers", []))
+                content_type = dict(headers).get(b"content-type", b"")
+                self.reader = self.protocol.reader(content_type.startswith(b"text/event-stream"))
+                message = {**message, "headers": headers + decision.headers()}
+            elif message["type"] == "http.response.body" and self.reader is not None:
+                self.reader.feed(message.get("body", b""))
+            await self.send(message)
+
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            await self.middleware.app(self.scope, receive, send)
+        except Exception as exc:
+            error = f"the app raised {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            reader = self.reader
+            if reader is not None:
+                reader.close()
+            usage: dict[str, Any] | None = reader.usage if reader else None
+            self.gate.record(
+                decision,
+                conversation,
+                self.scope["path"],
+                status=self.status,
+                usage=usage,
+                reply=reader.text if reader else None,
+                upstream_seconds=self.first_byte,
+                error=error,
+            )
