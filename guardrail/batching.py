@@ -70,6 +70,10 @@ class Batcher(Generic[T, R]):
     def _finish(self, task: asyncio.Future[Sequence[R]], batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         self._running -= 1
         error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+        if error is None and len(task.result()) != len(batch):
+            error = RuntimeError(
+                f"the batch function returned {len(task.result())} results for {len(batch)} items"
+            )
         if error is None:
             for (_, future), result in zip(batch, task.result(), strict=True):
                 if not future.done():

@@ -138,10 +138,14 @@ _KINDS: dict[str, type] = {
     "log_queue": int,
 }
 _PATHS = {"scenario", "cache_dir", "log_path"}
+_NAMES: dict[type, str] = {int: "a whole number", float: "a number", str: "a string"}
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
-    """Turn a flag, environment or TOML value into the setting's type, or say where it was wrong."""
+def _coerce(name: str, value: Any, where: str, typed: bool = False) -> Any:
+    """Turn a flag, environment or TOML value into the setting's type, or say where it was wrong.
+
+    ``typed`` values come from TOML, which has numbers: a quoted number there is a mistake.
+    """
     if name in _PATHS:
         if isinstance(value, Path):
             return value
@@ -150,8 +154,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         # An empty log path turns the log off; an empty scenario or cache path means "not set".
         return Path(value) if value.strip() else None
     kind = _KINDS.get(name, str)
-    if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
-        raise ConfigError(f"{where}: {name} must be a {kind.__name__}, got {value!r}")
+    wrong = isinstance(value, bool) or (kind is str and not isinstance(value, str))
+    if wrong or (typed and kind is not str and isinstance(value, str)):
+        raise ConfigError(f"{where}: {name} must be {_NAMES[kind]}, got {value!r}")
     try:
         result = kind(value)
     except (TypeError, ValueError) as exc:
@@ -176,7 +181,7 @@ def _read_toml(path: Path, names: set[str]) -> dict[str, Any]:
     unknown = sorted(set(table) - names)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s): {', '.join(unknown)}")
-    values = {name: _coerce(name, value, str(path)) for name, value in table.items()}
+    values = {name: _coerce(name, value, str(path), typed=True) for name, value in table.items()}
     for name in _PATHS:
         value = values.get(name)
         if isinstance(value, Path) and not value.is_absolute():

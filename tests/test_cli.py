@@ -6,9 +6,11 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 
 from guardrail.cli import main
 from guardrail.models import DEFAULT_MODEL, content_key, resolve_model
@@ -37,6 +39,206 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[uvicorn.Config]]:
+    """Stand in for ``uvicorn.Server.run``: keep the config it was given instead of serving."""
+    configs: list[uvicorn.Config] = []
+
+    def run(self: uvicorn.Server, sockets: object = None) -> None:
+        configs.append(self.config)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    yield configs
+    for config in configs:
+        config.app.state.gate.batcher.close()
+
+
+def serve_args(real_estate_path: Path, *extra: str) -> list[str]:
+    return ["serve", "--scenario", str(real_estate_path), "--upstream", "http://127.0.0.1:9", *extra]
+
+
+def test_serve_builds_the_app_from_flags(
+    cache_env: Path,
+    real_estate_path: Path,
+    served: list[uvicorn.Config],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        serve_args(
+            real_estate_path,
+            "--host", "0.0.0.0",
+            "--port", "9123",
+            "--mode", "shadow",
+            "--refusal", "Property questions only, please.",
+            "--threshold", "0.2",
+            "--log-path", "",
+        )
+    )  # fmt: skip
+    assert code == 0
+    [config] = served
+    assert (config.host, config.port) == ("0.0.0.0", 9123)
+    assert config.log_level == "info"
+    gate = config.app.state.gate
+    assert gate.mode == "shadow"
+    assert gate.refusal == "Property questions only, please."
+    assert gate.log is None
+    assert gate.scenario == "real_estate"
+    assert gate.guard.threshold == 0.2
+    proxy = config.app.state.proxy
+    assert proxy.settings.upstream == "http://127.0.0.1:9"
+    assert proxy.target(b"/v1/models", b"") == "http://127.0.0.1:9/v1/models"
+    err = capsys.readouterr().err
+    assert "guarding http://127.0.0.1:9 with" in err
+    assert "mode shadow" in err
+    assert "base URL http://0.0.0.0:9123/v1" in err
+    assert "log off" in err
+
+
+def test_serve_defaults(
+    cache_env: Path, real_estate_path: Path, served: list[uvicorn.Config], tmp_path: Path
+) -> None:
+    log = tmp_path / "i.jsonl"
+    assert main(serve_args(real_estate_path, "--log-path", str(log))) == 0
+    [config] = served
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    gate = config.app.state.gate
+    assert gate.mode == "enforce"
+    assert gate.log is not None
+    assert gate.log.path == log
+    assert not log.exists()  # the log opens with the app's lifespan, not before
+
+
+def test_serve_merges_flags_environment_and_toml(
+    cache_env: Path,
+    real_estate_path: Path,
+    served: list[uvicorn.Config],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "bots").mkdir()
+    (tmp_path / "bots" / "estate.md").write_bytes(real_estate_path.read_bytes())
+    config_file = tmp_path / "guardrail.toml"
+    config_file.write_text(
+        'scenario = "bots/estate.md"\n'
+        'upstream = "https://llm.example.com/v1"\n'
+        'host = "10.1.2.3"\n'
+        "port = 9001\n"
+        'mode = "shadow"\n'
+        'refusal = "From the file."\n'
+        'log_path = "logs/i.jsonl"\n',
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path.parent)  # relative paths follow the file, not the working directory
+    monkeypatch.setenv("GUARDRAIL_PORT", "9002")
+    monkeypatch.setenv("GUARDRAIL_REFUSAL", "From the environment.")
+    assert main(["serve", "--config", str(config_file), "--mode", "enforce"]) == 0
+    [config] = served
+    assert config.host == "10.1.2.3"  # the file
+    assert config.port == 9002  # the environment beats the file
+    gate = config.app.state.gate
+    assert gate.mode == "enforce"  # the flag beats the file
+    assert gate.refusal == "From the environment."
+    assert gate.guard.document.path == str(tmp_path / "bots" / "estate.md")
+    assert gate.scenario == "estate"
+    assert gate.log.path == tmp_path / "logs" / "i.jsonl"
+    assert config.app.state.proxy.settings.upstream == "https://llm.example.com/v1"
+
+
+def test_serve_reads_guardrail_config(
+    cache_env: Path,
+    real_estate_path: Path,
+    served: list[uvicorn.Config],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config_file = tmp_path / "guardrail.toml"
+    config_file.write_text(
+        f"scenario = {json.dumps(str(real_estate_path))}\n"
+        'upstream = "http://127.0.0.1:9"\nport = 9555\nlog_path = ""\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("GUARDRAIL_CONFIG", str(config_file))
+    assert main(["serve"]) == 0
+    [config] = served
+    assert config.port == 9555
+    assert config.app.state.gate.log is None
+
+
+@pytest.mark.parametrize(
+    ("args", "missing"),
+    [
+        (["serve", "--upstream", "http://127.0.0.1:9"], "no scenario document: give --scenario"),
+        (["serve", "--scenario", "estate.md"], "no upstream: give --upstream"),
+        (["serve"], "no scenario document"),
+    ],
+)
+def test_serve_without_scenario_or_upstream_exits_2(
+    served: list[uvicorn.Config], capsys: pytest.CaptureFixture[str], args: list[str], missing: str
+) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"guardrail: error: {missing}")
+    assert err.count("\n") == 1
+    assert served == []
+
+
+def test_serve_rejects_a_bad_mode(served: list[uvicorn.Config], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--mode", "block", "--upstream", "http://127.0.0.1:9"])
+    assert info.value.code == 2
+    assert "invalid choice: 'block'" in capsys.readouterr().err
+    assert served == []
+
+
+def test_serve_bad_toml_exits_2(
+    served: list[uvicorn.Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "guardrail.toml"
+    config_file.write_text('upstream = "http://127.0.0.1:9"\nport = \n', encoding="utf-8")
+    assert main(["serve", "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"guardrail: error: {config_file}: not valid TOML")
+    assert err.count("\n") == 1
+    assert served == []
+
+
+def test_serve_unknown_toml_key_exits_2(
+    served: list[uvicorn.Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "guardrail.toml"
+    config_file.write_text("prot = 9000\n", encoding="utf-8")
+    assert main(["serve", "--config", str(config_file)]) == 2
+    assert capsys.readouterr().err == f"guardrail: error: {config_file}: unknown setting(s): prot\n"
+
+
+def test_serve_bad_environment_value_exits_2(
+    served: list[uvicorn.Config], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GUARDRAIL_PORT", "http")
+    assert main(["serve", "--upstream", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == ("guardrail: error: GUARDRAIL_PORT: port='http' is not a valid int\n")
+
+
+def test_serve_bad_upstream_exits_2(
+    served: list[uvicorn.Config], real_estate_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--scenario", str(real_estate_path), "--upstream", "localhost:8080"]) == 2
+    assert "upstream must be an http:// or https:// URL" in capsys.readouterr().err
+    assert served == []
+
+
+def test_serve_missing_scenario_file_exits_2(
+    cache_env: Path, served: list[uvicorn.Config], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", "--scenario", str(tmp_path / "nope.md"), "--upstream", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "nope.md" in capsys.readouterr().err
+    assert served == []
 
 
 # --- check ---------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guardrail import Guard, Verdict, parse_scenario
+from guardrail.encoder import Encoder
 from guardrail.errors import ConfigError, ScenarioError
+from guardrail.guard import Query
 
 from samples import OFF_TOPIC, ON_TOPIC, VIEWING
 
@@ -190,3 +194,138 @@ def test_concurrent_checks_agree_with_serial_ones_and_keep_the_cache_bounded(gua
         assert verdict.allowed == serial[text].allowed
         assert abs(verdict.score - serial[text].score) < 1e-5
     assert len(shared._cache) <= 50
+
+
+# --- follow-ups ----------------------------------------------------------------------------------
+
+OPENER = ON_TOPIC[0]  # "Is the two-bedroom flat on Station Road still available to rent?"
+FOLLOW_UPS = ["and what about the second one?", "is it still available?", "how much is it?"]
+TOPICAL = ["who won the football match?", "tell me a joke", "what about a cookie recipe?"]
+
+
+class CountingEncoder:
+    """The session encoder, counting how often the guard calls it."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.calls: list[int] = []
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        self.calls.append(len(texts))
+        return self.encoder.encode(texts)
+
+
+def counting_guard(guard: Guard) -> tuple[Guard, CountingEncoder]:
+    counter = CountingEncoder(guard.encoder)
+    return Guard(counter, guard.similarity, cache_size=0), counter  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", [*ON_TOPIC[:3], *OFF_TOPIC[:3], *FOLLOW_UPS])
+def test_judge_without_previous_is_check(guard: Guard, text: str) -> None:
+    assert guard.judge(text) == guard.check(text)
+    assert guard.judge(text, None) == guard.check(text)
+    assert guard.judge(text, "  \n") == guard.check(text)
+
+
+@pytest.mark.parametrize("text", FOLLOW_UPS)
+def test_a_follow_up_alone_is_blocked_and_flagged(guard: Guard, text: str) -> None:
+    verdict = guard.judge(text)
+    assert not verdict.allowed
+    assert verdict.followup
+    assert not verdict.context
+
+
+@pytest.mark.parametrize("opener", ON_TOPIC[:3])
+@pytest.mark.parametrize("text", FOLLOW_UPS)
+def test_a_follow_up_after_an_on_topic_question_passes(guard: Guard, text: str, opener: str) -> None:
+    verdict = guard.judge(text, previous=opener)
+    assert verdict.allowed, verdict
+    assert verdict.followup
+    assert verdict.context
+
+
+def test_the_joint_verdict_is_the_check_of_both_turns(guard: Guard) -> None:
+    joint = guard.judge("is it still available?", previous=OPENER)
+    both = guard.check(f"{OPENER}\nis it still available?")
+    assert (joint.allowed, joint.scenario, joint.threshold) == (both.allowed, both.scenario, both.threshold)
+    assert joint.score == pytest.approx(both.score, abs=1e-6)
+
+
+@pytest.mark.parametrize("opener", OFF_TOPIC[:3])
+@pytest.mark.parametrize("text", FOLLOW_UPS)
+def test_a_follow_up_after_an_off_topic_question_stays_blocked(guard: Guard, text: str, opener: str) -> None:
+    verdict = guard.judge(text, previous=opener)
+    assert not verdict.allowed, verdict
+    assert verdict.context
+
+
+@pytest.mark.parametrize("opener", ON_TOPIC[:3])
+@pytest.mark.parametrize("text", TOPICAL)
+def test_an_off_topic_question_cannot_ride_on_an_on_topic_opener(
+    guard: Guard, text: str, opener: str
+) -> None:
+    verdict = guard.judge(text, previous=opener)
+    assert not verdict.allowed, verdict
+    assert not verdict.followup
+    assert not verdict.context
+    assert verdict == guard.check(text)
+
+
+def test_a_short_elliptical_off_topic_question_stays_blocked(guard: Guard) -> None:
+    verdict = guard.judge("and the weather tomorrow?", previous=OPENER)
+    assert not verdict.allowed, verdict
+
+
+def test_an_on_topic_message_is_never_judged_with_context(guard: Guard) -> None:
+    verdict = guard.judge(ON_TOPIC[1], previous=OFF_TOPIC[0])
+    assert verdict.allowed
+    assert not verdict.context
+    assert verdict == guard.check(ON_TOPIC[1])
+
+
+def test_judge_many_matches_judge_one_by_one(guard: Guard) -> None:
+    queries = [
+        Query(ON_TOPIC[1]),
+        Query(OFF_TOPIC[1]),
+        Query("is it still available?", OPENER),
+        Query("and what about the second one?", OFF_TOPIC[2]),
+        Query("how much is it?"),
+        Query("who won the football match?", OPENER),
+        Query("is it still available?", OPENER),  # a duplicate in the same batch
+        Query(ON_TOPIC[2], OFF_TOPIC[0]),
+    ]
+    batched, counter = counting_guard(guard)
+    verdicts = batched.judge_many(queries)
+    # One encoder call for the messages, one for the follow-ups with their context.
+    assert counter.calls == [len({q.text for q in queries}), 2]
+    assert [(v.allowed, v.followup, v.context) for v in verdicts] == [
+        (True, False, False),
+        (False, False, False),
+        (True, True, True),
+        (False, True, True),
+        (False, True, False),
+        (False, False, False),
+        (True, True, True),
+        (True, False, False),
+    ]
+    alone, _ = counting_guard(guard)
+    for query, verdict in zip(queries, verdicts, strict=True):
+        single = alone.judge(query.text, query.previous)
+        assert (single.allowed, single.followup, single.context, single.scenario) == (
+            verdict.allowed,
+            verdict.followup,
+            verdict.context,
+            verdict.scenario,
+        )
+        assert single.score == pytest.approx(verdict.score, abs=1e-5)
+
+
+def test_judge_many_without_follow_ups_calls_the_encoder_once(guard: Guard) -> None:
+    batched, counter = counting_guard(guard)
+    verdicts = batched.judge_many([Query(t, OPENER) for t in OFF_TOPIC[:4]])
+    assert counter.calls == [4]
+    assert not any(v.context for v in verdicts)
+
+
+def test_judge_many_empty(guard: Guard) -> None:
+    assert guard.judge_many([]) == []

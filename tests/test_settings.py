@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -73,12 +74,15 @@ def test_cache_path_defaults_to_the_default_cache_dir(
         ("GUARDRAIL_TARGET_PASS", "high", "float"),
         ("GUARDRAIL_THRESHOLD", "0,3", "float"),
         ("GUARDRAIL_CACHE_SIZE", "lots", "int"),
+        ("GUARDRAIL_PORT", "http", "int"),
+        ("GUARDRAIL_READ_TIMEOUT", "1m", "float"),
     ],
 )
 def test_bad_environment_value_names_the_variable(variable: str, value: str, kind: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.load(environ={variable: value})
-    assert str(info.value) == f"{variable}={value!r} is not a valid {kind}"
+    name = variable.removeprefix("GUARDRAIL_").lower()
+    assert str(info.value) == f"{variable}: {name}={value!r} is not a valid {kind}"
 
 
 @pytest.mark.parametrize(
@@ -123,3 +127,335 @@ def test_empty_variables_mean_unset() -> None:
 def test_unknown_flag_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="treshold"):
         Settings.load(environ={}, treshold=0.3)
+
+
+# --- the TOML file -------------------------------------------------------------------------------
+
+
+def write_toml(directory: Path, text: str, name: str = "guardrail.toml") -> Path:
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def toml_value(value: object) -> str:
+    """A Python value as a TOML literal: JSON's string escapes are valid in TOML basic strings."""
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    return repr(value)
+
+
+def test_toml_values_load(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path,
+        """
+        # The server, as a deployment would write it.
+        scenario = "/srv/bots/estate.md"
+        upstream = "http://127.0.0.1:8080/v1"
+        host = "0.0.0.0"
+        port = 9000
+        mode = "shadow"
+        refusal = "Sorry, I only talk about property."
+        threads = 2
+        threshold = -0.05
+        target_pass = 0.9
+        read_timeout = 60
+        connect_timeout = 2.5
+        max_body_bytes = 1_000_000
+        max_batch = 8
+        log_path = "/var/log/guardrail/interactions.jsonl"
+        log_backups = 0
+        log_max_bytes = 2048
+        """,
+    )
+    settings = Settings.load(environ={}, config=config)
+    assert settings == Settings(
+        scenario=Path("/srv/bots/estate.md"),
+        upstream="http://127.0.0.1:8080/v1",
+        host="0.0.0.0",
+        port=9000,
+        mode="shadow",
+        refusal="Sorry, I only talk about property.",
+        threads=2,
+        threshold=-0.05,
+        target_pass=0.9,
+        read_timeout=60.0,
+        connect_timeout=2.5,
+        max_body_bytes=1_000_000,
+        max_batch=8,
+        log_path=Path("/var/log/guardrail/interactions.jsonl"),
+        log_backups=0,
+        log_max_bytes=2048,
+    )
+    # A TOML integer for a float setting becomes a float.
+    assert isinstance(settings.read_timeout, float)
+
+
+# Three valid values of every setting: for the TOML file, the environment and a flag. ``mode`` has
+# only two, so each value differs from the one it overrides rather than from all the others.
+SOURCES: dict[str, tuple[object, object, object]] = {
+    "scenario": (Path("/toml/a.md"), Path("/env/b.md"), Path("/flag/c.md")),
+    "model": ("toml/model", "env/model", "flag/model"),
+    "cache_dir": (Path("/toml/cache"), Path("/env/cache"), Path("/flag/cache")),
+    "threads": (2, 3, 4),
+    "target_pass": (0.9, 0.8, 0.7),
+    "threshold": (0.1, -0.2, 0.3),
+    "cache_size": (10, 20, 0),
+    "upstream": ("http://toml:1", "https://env:2", "http://flag:3"),
+    "host": ("10.0.0.1", "10.0.0.2", "10.0.0.3"),
+    "port": (9001, 9002, 9003),
+    "mode": ("shadow", "enforce", "shadow"),
+    "refusal": ("No (toml).", "No (env).", "No (flag)."),
+    "max_body_bytes": (1000, 2000, 3000),
+    "connect_timeout": (1.5, 2.5, 3.5),
+    "read_timeout": (10.0, 20.0, 30.0),
+    "max_connections": (5, 6, 7),
+    "encoder_workers": (3, 4, 5),
+    "max_batch": (8, 16, 1),
+    "log_path": (Path("/toml/i.jsonl"), Path("/env/i.jsonl"), Path("/flag/i.jsonl")),
+    "log_max_bytes": (1024, 4096, 8192),
+    "log_backups": (0, 1, 9),
+    "log_queue": (10, 20, 30),
+}
+
+
+def test_the_precedence_table_covers_every_setting() -> None:
+    assert set(SOURCES) == {field.name for field in dataclasses.fields(Settings)}
+    for name, (toml, env, flag) in SOURCES.items():
+        # Each source must differ from the one it overrides, or a fall-through would go unseen.
+        assert getattr(Settings(), name) != toml, name
+        assert toml != env, name
+        assert env != flag, name
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_flag_beats_environment_beats_toml_beats_default(tmp_path: Path, name: str) -> None:
+    toml, env, flag = SOURCES[name]
+    config = write_toml(tmp_path, f"{name} = {toml_value(toml)}\n")
+    variable = {f"GUARDRAIL_{name.upper()}": str(env)}
+    assert getattr(Settings.load(environ={}), name) == getattr(Settings(), name)
+    assert getattr(Settings.load(environ={}, config=config), name) == toml
+    assert getattr(Settings.load(environ=variable, config=config), name) == env
+    assert getattr(Settings.load(environ=variable, config=config, **{name: flag}), name) == flag
+    # A flag given as None is "not given", whatever lies below it.
+    assert getattr(Settings.load(environ=variable, config=config, **{name: None}), name) == env
+
+
+def test_guardrail_config_names_the_file(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'upstream = "http://from-file:8080"\nport = 9000\n')
+    settings = Settings.load(environ={"GUARDRAIL_CONFIG": f" {config} ", "GUARDRAIL_PORT": "9001"})
+    assert settings.upstream == "http://from-file:8080"
+    assert settings.port == 9001
+
+
+def test_config_argument_beats_guardrail_config(tmp_path: Path) -> None:
+    chosen = write_toml(tmp_path, "port = 9000\n", name="chosen.toml")
+    ignored = write_toml(tmp_path, "port = 9999\n", name="ignored.toml")
+    assert Settings.load(environ={"GUARDRAIL_CONFIG": str(ignored)}, config=chosen).port == 9000
+
+
+def test_empty_guardrail_config_means_no_file() -> None:
+    assert Settings.load(environ={"GUARDRAIL_CONFIG": "  "}) == Settings()
+
+
+def test_relative_paths_in_toml_resolve_against_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    config = write_toml(
+        tmp_path / "etc",
+        'scenario = "bots/estate.md"\nlog_path = "../logs/i.jsonl"\ncache_dir = "/abs/cache"\n',
+    )
+    # The process's working directory must not matter.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings = Settings.load(environ={}, config=config)
+    assert settings.scenario == tmp_path / "etc" / "bots" / "estate.md"
+    assert settings.log_path == tmp_path / "etc" / ".." / "logs" / "i.jsonl"
+    assert settings.cache_dir == Path("/abs/cache")
+
+
+def test_relative_config_path_resolves_scenario_against_the_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    write_toml(tmp_path / "etc", 'scenario = "estate.md"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.load(environ={"GUARDRAIL_CONFIG": "etc/guardrail.toml"})
+    assert settings.scenario == Path("etc") / "estate.md"
+
+
+def test_relative_paths_from_the_environment_and_flags_are_left_alone(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'scenario = "estate.md"\nlog_path = "i.jsonl"\n')
+    settings = Settings.load(
+        environ={"GUARDRAIL_SCENARIO": "bots/estate.md"}, config=config, log_path="logs/i.jsonl"
+    )
+    assert settings.scenario == Path("bots/estate.md")
+    assert settings.log_path == Path("logs/i.jsonl")
+
+
+def test_unknown_toml_key_names_the_key_and_the_file(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, "treshold = 0.3\nport = 9000\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={}, config=config)
+    message = str(info.value)
+    assert "treshold" in message
+    assert str(config) in message
+    assert "port" not in message
+
+
+def test_toml_tables_are_unknown_settings(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, '[server]\nupstream = "http://x:1"\n')
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): server"):
+        Settings.load(environ={}, config=config)
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ('port = "eight thousand"', "port must be a whole number, got 'eight thousand'"),
+        ("threads = true", "threads must be a whole number, got True"),
+        ("port = 1.5", "port must be a whole number, got 1.5"),
+        ("max_batch = 2.5", "max_batch must be a whole number, got 2.5"),
+        ("read_timeout = inf", "read_timeout must be a finite number, got inf"),
+        ("threshold = nan", "threshold must be a finite number"),
+        ("target_pass = false", "target_pass must be a number, got False"),
+        ("mode = 1", "mode must be a string, got 1"),
+        ('upstream = ["http://a:1"]', "upstream must be a string"),
+        ("scenario = 3", "scenario must be a path, got 3"),
+        ("log_path = false", "log_path must be a path, got False"),
+        ("read_timeout = [1, 2]", "read_timeout=[1, 2] is not a valid float"),
+    ],
+)
+def test_wrong_toml_types_are_config_errors_naming_the_file(tmp_path: Path, line: str, words: str) -> None:
+    config = write_toml(tmp_path, line + "\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={}, config=config)
+    assert str(info.value).startswith(f"{config}: ")
+    assert words in str(info.value)
+
+
+def test_quoted_number_in_toml_is_a_wrong_type(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'port = "8000"\n')
+    with pytest.raises(ConfigError, match="port"):
+        Settings.load(environ={}, config=config)
+
+
+def test_invalid_toml_syntax_is_a_config_error(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'upstream = "http://x:1"\nport = \n')
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={}, config=config)
+    assert str(info.value).startswith(f"{config}: not valid TOML")
+    assert "line 2" in str(info.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path / 'nope.toml'} does not exist")):
+        Settings.load(environ={}, config=tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"nope\.toml does not exist"):
+        Settings.load(environ={"GUARDRAIL_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"cannot read config file {tmp_path}")):
+        Settings.load(environ={}, config=tmp_path)
+
+
+def test_bad_toml_value_is_an_error_even_when_a_flag_overrides_it(tmp_path: Path) -> None:
+    # The file is checked as a whole: a typo must not hide until the flag is dropped.
+    config = write_toml(tmp_path, 'port = "eight"\n')
+    with pytest.raises(ConfigError, match="port"):
+        Settings.load(environ={}, config=config, port=9000)
+
+
+# --- validation of the server's settings ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        ({"mode": "block"}, "mode must be one of enforce, shadow, got 'block'"),
+        ({"mode": "Enforce"}, "mode must be one of enforce, shadow"),
+        ({"refusal": ""}, "refusal must not be empty"),
+        ({"refusal": " \n\t"}, "refusal must not be empty"),
+        ({"port": 0}, "port must be in 1..65535, got 0"),
+        ({"port": 70000}, "port must be in 1..65535, got 70000"),
+        ({"port": -1}, "port must be in 1..65535"),
+        ({"connect_timeout": 0}, "connect_timeout must be a positive number of seconds, got 0"),
+        ({"connect_timeout": -1.0}, "connect_timeout must be a positive number of seconds"),
+        ({"read_timeout": 0.0}, "read_timeout must be a positive number of seconds"),
+        ({"read_timeout": float("inf")}, "read_timeout must be a finite number"),
+        ({"max_body_bytes": 0}, "max_body_bytes must be at least 1, got 0"),
+        ({"max_connections": 0}, "max_connections must be at least 1"),
+        ({"encoder_workers": 0}, "encoder_workers must be at least 1"),
+        ({"max_batch": 0}, "max_batch must be at least 1"),
+        ({"log_queue": 0}, "log_queue must be at least 1"),
+        ({"log_backups": -1}, "log_backups must be 0 or more, got -1"),
+        ({"log_max_bytes": 1023}, "log_max_bytes must be at least 1024, got 1023"),
+        ({"upstream": "localhost:8080"}, "upstream must be an http:// or https:// URL, got 'localhost:8080'"),
+        ({"upstream": "ftp://files.example.com"}, "upstream must be an http:// or https:// URL"),
+        ({"upstream": "HTTP//x"}, "upstream must be an http:// or https:// URL"),
+    ],
+)
+def test_invalid_server_settings_are_config_errors(flags: dict[str, object], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Settings.load(environ={}, **flags)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("GUARDRAIL_MODE", "off", "mode must be one of enforce, shadow"),
+        ("GUARDRAIL_PORT", "0", "port must be in 1..65535"),
+        ("GUARDRAIL_READ_TIMEOUT", "-5", "read_timeout must be a positive number of seconds"),
+        ("GUARDRAIL_UPSTREAM", "api.openai.com", "upstream must be an http:// or https:// URL"),
+    ],
+)
+def test_invalid_server_settings_from_the_environment(variable: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Settings.load(environ={variable: value})
+
+
+def test_boundary_values_are_valid() -> None:
+    settings = Settings.load(
+        environ={},
+        port=65535,
+        log_backups=0,
+        log_max_bytes=1024,
+        max_body_bytes=1,
+        connect_timeout=0.001,
+        upstream="https://api.openai.com/v1",
+    )
+    assert (settings.port, settings.log_backups, settings.log_max_bytes) == (65535, 0, 1024)
+    assert Settings.load(environ={}, port=1, upstream="http://127.0.0.1:8080").port == 1
+
+
+def test_server_defaults() -> None:
+    settings = Settings.load(environ={})
+    assert settings.upstream is None
+    assert (settings.host, settings.port, settings.mode) == ("127.0.0.1", 8000, "enforce")
+    assert settings.log_path == Path("interactions.jsonl")
+    # Timeouts and limits are on by default.
+    assert settings.connect_timeout > 0
+    assert settings.read_timeout > 0
+    assert settings.max_body_bytes > 0
+
+
+def test_empty_log_path_flag_turns_the_log_off() -> None:
+    assert Settings.load(environ={}, log_path="").log_path is None
+
+
+def test_empty_log_path_in_toml_turns_the_log_off(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'log_path = ""\n')
+    assert Settings.load(environ={}, config=config).log_path is None
+
+
+def test_empty_log_path_flag_beats_a_toml_log_path(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'log_path = "i.jsonl"\n')
+    assert Settings.load(environ={}, config=config, log_path="").log_path is None
+
+
+def test_empty_scenario_in_toml_means_unset(tmp_path: Path) -> None:
+    config = write_toml(tmp_path, 'scenario = ""\n')
+    assert Settings.load(environ={}, config=config).scenario is None

@@ -54,9 +54,13 @@ class JSONFields:
 
 
 def _get(payload: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
+    """The value at a dotted path; None when a key on the way is absent."""
+    for depth, key in enumerate(path):
+        if payload is None:
+            return None
         if not isinstance(payload, dict):
-            raise BadRequest(f"'{'.'.join(path)}' is not in the request body")
+            where = ".".join(path[:depth]) or "the request body"
+            raise BadRequest(f"'{where}' must be an object to hold '{'.'.join(path)}'")
         payload = payload.get(key)
     return payload
 

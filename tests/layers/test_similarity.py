@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,13 @@ import pytest
 
 from guardrail.encoder import Encoder
 from guardrail.errors import ConfigError
-from guardrail.layers.similarity import Calibration, SimilarityLayer, load_background, softmax_pool
+from guardrail.layers.similarity import (
+    Calibration,
+    SimilarityLayer,
+    load_background,
+    load_followups,
+    softmax_pool,
+)
 from guardrail.scenario import ScenarioDocument, load_scenario, parse_scenario
 
 from samples import OFF_TOPIC, ON_TOPIC, VIEWING
@@ -144,14 +152,20 @@ def test_the_documents_own_items_score_high(layer: SimilarityLayer, document: Sc
     assert list(nearest[:n]) == list(range(n))
 
 
-def test_background_embeddings_are_cached_beside_the_export(
+def cache_file(encoder: Encoder, texts: tuple[str, ...]) -> Path:
+    """Where ``_cached_encode`` keeps the vectors of a fixed text set."""
+    assert encoder.path is not None
+    return encoder.path / f"texts-{hashlib.sha256(chr(10).join(texts).encode()).hexdigest()[:16]}.npy"
+
+
+def test_background_and_followup_embeddings_are_cached_beside_the_export(
     layer: SimilarityLayer, document: ScenarioDocument, encoder: Encoder
 ) -> None:
-    assert encoder.path is not None
-    cached = list(encoder.path.glob("texts-*.npy"))
-    assert len(cached) == 1
-    vectors = np.load(cached[0])
-    assert vectors.shape == (len(load_background()), 384)
+    for texts in (load_background(), load_followups()):
+        vectors = np.load(cache_file(encoder, texts))
+        assert vectors.shape == (len(texts), 384)
+    assert layer.followup_vectors is not None
+    np.testing.assert_array_equal(layer.followup_vectors, np.load(cache_file(encoder, load_followups())))
     again = SimilarityLayer.build(document, encoder)
     np.testing.assert_array_equal(again.background_vectors, layer.background_vectors)
     assert again.calibration == layer.calibration
@@ -204,3 +218,64 @@ def test_one_scenario_document_still_scores(encoder: Encoder) -> None:
     assert math.isfinite(layer.threshold)
     scores = scores_of(layer, encoder, ["can I see the house on saturday", "what's the weather"])
     assert scores[0] > scores[1]
+
+
+# --- follow-ups ----------------------------------------------------------------------------------
+
+GENERIC_FOLLOW_UPS = [
+    "and what about the second one?",
+    "is it still available?",
+    "how much is it?",
+    "can you tell me more?",
+    "why?",
+    "and the one after that?",
+]
+
+
+def test_shipped_followups_load_clean() -> None:
+    followups = load_followups()
+    assert len(followups) > 50
+    assert all(line == line.strip() and line for line in followups)
+    assert len({line.casefold() for line in followups}) == len(followups)
+    raw = resources.files("guardrail.data").joinpath("followups.txt").read_text(encoding="utf-8")
+    assert all(line.strip() for line in raw.splitlines()), "blank line in followups.txt"
+    assert raw.endswith("\n")
+
+
+def test_followups_do_not_overlap_the_background() -> None:
+    background = {line.casefold() for line in load_background()}
+    assert not [line for line in load_followups() if line.casefold() in background]
+
+
+def test_generic_follow_ups_are_flagged(layer: SimilarityLayer, encoder: Encoder) -> None:
+    flags = layer.followup(encoder.encode(GENERIC_FOLLOW_UPS))
+    assert flags.dtype == np.bool_
+    assert flags.shape == (len(GENERIC_FOLLOW_UPS),)
+    assert flags.all(), dict(zip(GENERIC_FOLLOW_UPS, flags, strict=True))
+
+
+def test_questions_with_a_topic_are_not_follow_ups(layer: SimilarityLayer, encoder: Encoder) -> None:
+    texts = [*OFF_TOPIC, *ON_TOPIC[:5], "who won the football match?", "what about a cookie recipe?"]
+    flags = layer.followup(encoder.encode(texts))
+    assert not flags.any(), [t for t, f in zip(texts, flags, strict=True) if f]
+
+
+def test_shipped_followups_flag_themselves(layer: SimilarityLayer) -> None:
+    assert layer.followup_vectors is not None
+    assert layer.followup(layer.followup_vectors).all()
+
+
+def test_no_followups_flags_nothing(document: ScenarioDocument, encoder: Encoder) -> None:
+    bare = SimilarityLayer.build(document, encoder, followups=())
+    assert bare.followup_vectors is None
+    flags = bare.followup(encoder.encode(GENERIC_FOLLOW_UPS))
+    assert flags.shape == (len(GENERIC_FOLLOW_UPS),)
+    assert not flags.any()
+
+
+def test_custom_followups(document: ScenarioDocument, encoder: Encoder) -> None:
+    custom = SimilarityLayer.build(document, encoder, followups=("and the second one?",))
+    assert custom.followup_vectors is not None
+    assert custom.followup_vectors.shape == (1, 384)
+    flags = custom.followup(encoder.encode(["and what about the second one?", "tell me a joke"]))
+    assert list(flags) == [True, False]

@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+
+from guardrail.batching import Batcher
+
+
+class Recorder:
+    """A batch function that doubles its items and records every batch; a held one waits for the test."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.entered = threading.Semaphore(0)  # released once per call
+        self._gate = threading.Semaphore(0)
+        if not hold:
+            self.open()
+
+    def release(self, batches: int = 1) -> None:
+        """Let this many held batches finish."""
+        self._gate.release(batches)
+
+    def open(self) -> None:
+        """Stop holding batches."""
+        self._gate.release(10_000)
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.entered.release()
+        if not self._gate.acquire(timeout=5):
+            raise TimeoutError("the test never released the batch")
+        if any(item < 0 for item in items):
+            raise ValueError(f"negative item in {list(items)}")
+        return [item * 2 for item in items]
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    recorder = Recorder(hold=True)
+    yield recorder
+    recorder.open()  # never leave a worker thread waiting
+
+
+def make(function: Callable[[Sequence[int]], Sequence[int]], **kwargs: int) -> Batcher[int, int]:
+    return Batcher(function, **kwargs)
+
+
+async def wait_until_started(recorder: Recorder) -> None:
+    """Let the loop dispatch, then wait (off the loop) for a worker to enter the function."""
+    assert await asyncio.to_thread(recorder.entered.acquire, True, 5)
+
+
+async def settle() -> None:
+    """Give newly created tasks a chance to reach ``submit``."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def test_results_go_to_their_submitters_under_concurrency() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, workers=2, max_batch=8)
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(batcher.submit(i) for i in range(100)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [i * 2 for i in range(100)]
+    assert sorted(item for batch in recorder.batches for item in batch) == list(range(100))
+    assert batcher.items == 100
+    assert batcher.batches == len(recorder.batches)
+    # 100 items cannot fit in fewer than 13 batches of 8, and concurrency must have grouped some.
+    assert 13 <= batcher.batches < 100
+    assert all(len(batch) <= 8 for batch in recorder.batches)
+
+
+def test_items_submitted_while_busy_form_the_next_batch(recorder: Recorder) -> None:
+    batcher = make(recorder, workers=1, max_batch=32)
+
+    async def main() -> list[int]:
+        first = asyncio.create_task(batcher.submit(0))
+        await wait_until_started(recorder)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
+        await settle()
+        assert batcher.depth == 5  # waiting for the one worker
+        recorder.open()
+        return await asyncio.gather(first, *rest)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [0, 2, 4, 6, 8, 10]
+    assert recorder.batches == [[0], [1, 2, 3, 4, 5]]
+    assert (batcher.batches, batcher.items) == (2, 6)
+    assert batcher.depth == 0
+
+
+def test_max_batch_is_respected(recorder: Recorder) -> None:
+    batcher = make(recorder, workers=1, max_batch=3)
+
+    async def main() -> list[int]:
+        first = asyncio.create_task(batcher.submit(0))
+        await wait_until_started(recorder)
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 8)]
+        await settle()
+        recorder.open()
+        return await asyncio.gather(first, *rest)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [i * 2 for i in range(8)]
+    assert recorder.batches == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    assert (batcher.batches, batcher.items) == (4, 8)
+
+
+def test_two_workers_run_two_batches_at_once(recorder: Recorder) -> None:
+    batcher = make(recorder, workers=2, max_batch=32)
+
+    async def main() -> list[int]:
+        tasks = [asyncio.create_task(batcher.submit(0))]
+        await settle()
+        tasks.append(asyncio.create_task(batcher.submit(1)))
+        await settle()
+        # Both batches were dispatched although the first one has not finished.
+        assert batcher.batches == 2
+        assert batcher.depth == 0
+        recorder.open()
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert asyncio.run(main()) == [0, 2]
+    finally:
+        batcher.close()
+    assert sorted(recorder.batches) == [[0], [1]]
+
+
+def test_an_error_reaches_every_submitter_of_its_batch_and_the_batcher_keeps_working(
+    recorder: Recorder,
+) -> None:
+    batcher = make(recorder, workers=1, max_batch=32)
+
+    async def main() -> tuple[list[int | BaseException], list[int]]:
+        first = asyncio.create_task(batcher.submit(1))
+        await wait_until_started(recorder)
+        bad = [asyncio.create_task(batcher.submit(i)) for i in (2, -1, 3)]
+        await settle()
+        recorder.open()
+        assert await first == 2
+        failed = await asyncio.gather(*bad, return_exceptions=True)
+        after = await asyncio.gather(batcher.submit(4), batcher.submit(5))
+        return failed, after
+
+    try:
+        failed, after = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert recorder.batches[:2] == [[1], [2, -1, 3]]
+    assert all(isinstance(error, ValueError) for error in failed)
+    assert "negative item in [2, -1, 3]" in str(failed[0])
+    assert after == [8, 10]
+    assert batcher._running == 0
+
+
+def test_a_cancelled_waiting_submitter_is_left_out(recorder: Recorder) -> None:
+    batcher = make(recorder, workers=1, max_batch=32)
+
+    async def main() -> list[int]:
+        first = asyncio.create_task(batcher.submit(0))
+        await wait_until_started(recorder)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+        await settle()
+        tasks[1].cancel()
+        await settle()
+        recorder.open()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        return await asyncio.gather(first, tasks[0], tasks[2])
+
+    try:
+        assert asyncio.run(main()) == [0, 2, 6]
+    finally:
+        batcher.close()
+    assert recorder.batches == [[0], [1, 3]]
+
+
+def test_a_submitter_cancelled_while_its_batch_runs_does_not_break_the_others(recorder: Recorder) -> None:
+    batcher = make(recorder, workers=1, max_batch=32)
+
+    async def main() -> list[int | BaseException]:
+        first = asyncio.create_task(batcher.submit(0))
+        await wait_until_started(recorder)
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 2, 3)]
+        await settle()
+        recorder.release()  # the first batch ends and [1, 2, 3] starts
+        await wait_until_started(recorder)
+        tasks[1].cancel()
+        await settle()
+        recorder.open()
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        return [*results, await batcher.submit(4)]
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert recorder.batches == [[0], [1, 2, 3], [4]]
+    assert results[:2] == [0, 2]
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert results[3:] == [6, 8]
+
+
+def test_a_lone_submit_starts_at_once() -> None:
+    called: list[float] = []
+
+    def function(items: Sequence[int]) -> list[int]:
+        called.append(time.perf_counter())
+        return list(items)
+
+    batcher = make(function, workers=1, max_batch=32)
+
+    async def main() -> float:
+        await batcher.submit(0)  # warm the worker thread up
+        start = time.perf_counter()
+        task = asyncio.create_task(batcher.submit(7))
+        await asyncio.sleep(0)
+        # Dispatched in the same loop step as the submit: no timer waits for company.
+        assert batcher.batches == 2
+        assert await task == 7
+        return start
+
+    try:
+        start = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert called[-1] - start < 0.05
+
+
+def test_invalid_sizes_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Batcher(lambda items: items, workers=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        Batcher(lambda items: items, max_batch=0)
+
+
+def test_a_wrong_number_of_results_is_an_error_not_a_hang() -> None:
+    batcher = make(lambda items: list(items)[:-1], workers=1, max_batch=32)
+
+    async def main() -> list[int | BaseException]:
+        return await asyncio.wait_for(
+            asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True), timeout=0.3
+        )
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert all(isinstance(result, Exception) for result in results)
