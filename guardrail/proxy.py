@@ -33,7 +33,7 @@ from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
 from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
 from guardrail.protocols.openai import OpenAIChat, error_body
-from guardrail.relay import HOP_BY_HOP, RelayOutcome, UpstreamRelay
+from guardrail.relay import HOP_BY_HOP, RelayOutcome, UpstreamRelay, wait_for_disconnect
 from guardrail.settings import Settings
 
 logger = logging.getLogger("guardrail.proxy")
@@ -58,7 +58,12 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_connections,
     )
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+    client = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+    # httpx adds Accept, Accept-Encoding and User-Agent to every request; a proxy sends only what the
+    # client sent (an Accept-Encoding the client never asked for would come back compressed to it).
+    for name in ("accept", "accept-encoding", "user-agent"):
+        client.headers.pop(name, None)
+    return client
 
 
 def create_app(
@@ -74,6 +79,7 @@ def create_app(
         from guardrail.errors import ConfigError
 
         raise ConfigError("the proxy needs an upstream URL (--upstream or GUARDRAIL_UPSTREAM)")
+    owns_client, owns_log = client is None, log is None
     if log is None and settings.log_path is not None:
         log = InteractionLog(
             settings.log_path,
@@ -93,9 +99,11 @@ def create_app(
         try:
             yield
         finally:
-            await proxy.client.aclose()
+            # What was passed in belongs to the caller; what was made here is closed here.
+            if owns_client:
+                await proxy.client.aclose()
             batcher.close()
-            if log is not None:
+            if log is not None and owns_log:
                 # Flushing may touch the disk: keep it off the loop.
                 await asyncio.to_thread(log.close)
 
@@ -125,9 +133,17 @@ class Proxy:
         self.prefix = upstream.raw_path.decode("ascii").split("?")[0].rstrip("/")
 
     def target(self, raw_path: bytes, query: bytes) -> str:
-        """The upstream URL for a request path."""
+        """The upstream URL for a request path: the upstream's path, then the request's, overlap once."""
         path = raw_path.decode("latin-1")
-        if not (self.prefix and (path == self.prefix or path.startswith(self.prefix + "/"))):
+        prefix = self.prefix.split("/")
+        segments = path.split("/")
+        # The longest tail of the upstream's path that the request path starts with ("/api/v1" and
+        # "/v1/models" overlap in "v1") is written once.
+        for size in range(len(prefix) - 1, 0, -1):
+            if prefix[-size:] == segments[1 : size + 1]:
+                path = "/".join(prefix[:-size] + segments[1:])
+                break
+        else:
             path = self.prefix + path
         return f"{self.origin}{path}" + (f"?{query.decode('latin-1')}" if query else "")
 
@@ -191,7 +207,12 @@ class Proxy:
         sent = time.perf_counter()
         path = request.url.path
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream = await _send_unless_client_leaves(self.client, upstream_request, request.receive)
+        except ClientDisconnect:
+            # A non-streamed completion sends no headers until it is done: without this, the
+            # upstream would go on generating for a client that gave up.
+            self.gate.record(decision, conversation, path, error="the client disconnected")
+            return Response(status_code=499)
         except httpx.HTTPError as exc:
             response = self._upstream_failed(exc, decision.headers())
             self.gate.record(
@@ -221,6 +242,10 @@ class Proxy:
 
     async def passthrough(self, request: Request) -> Response:
         """Any other request, sent upstream as it came and relayed back as it comes."""
+        if not _normal(request.url.path):
+            # "/v1/./chat/completions" would reach the upstream's chat endpoint unjudged.
+            self.gate.metrics.rejected.labels("malformed").inc()
+            return _error(400, "the path has empty, '.' or '..' segments", "invalid_request_error")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
             self.gate.metrics.rejected.labels("too_large").inc()
@@ -235,12 +260,17 @@ class Proxy:
             request.method,
             self.target(request.scope["raw_path"], request.scope["query_string"]),
             headers=_request_headers(request.headers.raw, guarded=False),
-            content=request.stream() if has_body else None,
+            content=_limited(request, self.settings.max_body_bytes) if has_body else None,
         )
         try:
             upstream = await self.client.send(upstream_request, stream=True)
         except ClientDisconnect:
             return Response(status_code=499)
+        except BodyTooLarge:
+            self.gate.metrics.rejected.labels("too_large").inc()
+            limit = self.settings.max_body_bytes
+            message = f"the request body is larger than the proxy's limit of {limit} bytes"
+            return _error(413, message, "invalid_request_error")
         except httpx.HTTPError as exc:
             return self._upstream_failed(exc, [])
         return UpstreamRelay(upstream)
@@ -262,6 +292,20 @@ class Proxy:
         return response
 
 
+def _normal(path: str) -> bool:
+    segments = path.split("/")[1:-1]  # a trailing slash is fine
+    return not any(segment in ("", ".", "..") for segment in segments) and not path.endswith(("/.", "/.."))
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        yield chunk
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -274,6 +318,25 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _send_unless_client_leaves(
+    client: httpx.AsyncClient, request: httpx.Request, receive: Any
+) -> httpx.Response:
+    """Send upstream, cancelling the request if the client disconnects before the response starts."""
+    sending = asyncio.ensure_future(client.send(request, stream=True))
+    watching = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+    if sending.done():
+        return sending.result()
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+        response = await sending
+        await response.aclose()
+    raise ClientDisconnect
 
 
 def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[tuple[bytes, bytes]]:

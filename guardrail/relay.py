@@ -80,7 +80,7 @@ class UpstreamRelay(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = RelayOutcome(self.upstream.status_code)
         relay = asyncio.ensure_future(self._relay(send, outcome))
-        watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watch = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
             if relay not in done:
@@ -102,10 +102,18 @@ class UpstreamRelay(Response):
 
     async def _relay(self, send: Send, outcome: RelayOutcome) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        # An event stream is passed on in whole events: a partial event is held until its blank line
+        # arrives (never delaying a complete one), so a break never leaves half an event in front of
+        # the error event.
+        held = b""
         try:
             async for chunk in self.upstream.aiter_raw():
                 if self.reader is not None:
                     self.reader.feed(chunk)
+                if self.sse:
+                    chunk, held = _complete_events(held + chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             outcome.error = f"the upstream broke off mid-response: {_describe(exc)}"
@@ -116,11 +124,22 @@ class UpstreamRelay(Response):
                 return
             body = error_body(outcome.error, "upstream_error", 502)
             await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            held = b""
+        await send({"type": "http.response.body", "body": held, "more_body": False})
         outcome.complete = outcome.error is None
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+def _complete_events(data: bytes) -> tuple[bytes, bytes]:
+    """Split an event stream's bytes into whole events and the unfinished rest."""
+    end = 0
+    for separator in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        found = data.rfind(separator)
+        if found >= 0:
+            end = max(end, found + len(separator))
+    return data[:end], data[end:]
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":

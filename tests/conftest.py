@@ -6,15 +6,23 @@ directory; every other test loads the exported model from there, so nothing touc
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from guardrail.encoder import Encoder
 from guardrail.guard import Guard
 from guardrail.models import DEFAULT_MODEL
+from guardrail.settings import Settings
+
+if TYPE_CHECKING:
+    # The proxy's helpers pull in uvicorn and the openai SDK: only the tests that use them pay for that.
+    from upstreams import FakeOpenAI, ProxyServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +70,46 @@ def cache_env(monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> Path:
     """Point GUARDRAIL_CACHE_DIR at the warm cache, for the CLI and subprocesses."""
     monkeypatch.setenv("GUARDRAIL_CACHE_DIR", str(model_cache))
     return model_cache
+
+
+@pytest.fixture(scope="session")
+def _fake_upstream_server() -> Iterator[FakeOpenAI]:
+    from upstreams import FakeOpenAI, serve
+
+    fake = FakeOpenAI()
+    with serve(fake.app) as url:
+        fake.url = url
+        yield fake
+
+
+@pytest.fixture
+def fake_upstream(_fake_upstream_server: FakeOpenAI) -> FakeOpenAI:
+    """A well-behaved OpenAI-compatible upstream in a real server; ``fake_upstream.url`` is its address.
+
+    One server serves the session; each test gets it with no requests recorded and default behaviour.
+    """
+    _fake_upstream_server.reset()
+    return _fake_upstream_server
+
+
+@pytest.fixture
+def start_proxy(guard: Guard, tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
+    """Start proxies for an upstream URL and settings overrides; each logs to its own file in tmp_path."""
+    from upstreams import ProxyServer
+
+    names = itertools.count()
+    with contextlib.ExitStack() as stack:
+
+        def start(upstream: str, **overrides: Any) -> ProxyServer:
+            overrides.setdefault("log_path", tmp_path / f"interactions-{next(names)}.jsonl")
+            settings = Settings(upstream=upstream, **overrides)
+            settings.validate()
+            return stack.enter_context(ProxyServer(guard, settings))
+
+        yield start
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., ProxyServer], fake_upstream: FakeOpenAI) -> ProxyServer:
+    """A proxy with default settings in front of ``fake_upstream``."""
+    return start_proxy(fake_upstream.url)
