@@ -101,6 +101,11 @@ class InteractionLog:
         return self._written
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called: writes are refused from then on."""
+        return self._closed
+
+    @property
     def dropped(self) -> int:
         """How many records were lost: queue full, log closed, or an I/O error."""
         return self._dropped

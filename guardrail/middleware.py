@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,10 @@ class GuardrailMiddleware:
                 threshold=settings.threshold,
                 cache_size=settings.cache_size,
             )
-        if log is None and settings.log_path is not None:
-            log = InteractionLog(
-                settings.log_path, settings.log_max_bytes, settings.log_backups, settings.log_queue
-            )
+        # A log passed in belongs to the caller; one made from the settings is opened at each start-up
+        # and flushed at each shutdown, so the app can be served again (tests, reloads).
+        self._settings = settings
+        self._owns_log = log is None and settings.log_path is not None
         protocol = protocol if protocol is not None else OpenAIChat()
         if isinstance(paths, str):
             raise TypeError("paths must be a list of paths or a mapping of path to protocol, not one string")
@@ -83,24 +84,45 @@ class GuardrailMiddleware:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
             return
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in self.paths:
             await self.app(scope, receive, send)
             return
         await _GuardedRequest(self, scope, receive, send).run()
 
-    def _lifespan_send(self, send: Send) -> Send:
+    def open_log(self) -> InteractionLog | None:
+        """The log in use, opening a new one from the settings when the last one was closed."""
         log = self.gate.log
+        if self._owns_log and (log is None or log.closed):
+            settings = self._settings
+            assert settings.log_path is not None
+            log = InteractionLog(
+                settings.log_path, settings.log_max_bytes, settings.log_backups, settings.log_queue
+            )
+            self.gate.log = log
+        if log is not None:
+            log.start()
+        return log
 
+    def _lifespan_send(self, send: Send) -> Send:
         async def lifespan_send(message: Message) -> None:
-            if log is not None and message["type"] == "lifespan.startup.complete":
-                log.start()
-            if log is not None and message["type"] == "lifespan.shutdown.complete":
+            if message["type"] == "lifespan.startup.complete":
+                self.open_log()
+            log = self.gate.log
+            if self._owns_log and log is not None and message["type"] == "lifespan.shutdown.complete":
                 # Flush the interaction log before the server exits; the disk is touched off the loop.
                 await asyncio.to_thread(log.close)
-                self.gate.batcher.close()
             await send(message)
 
         return lifespan_send
+
+
+def route_path(scope: Scope) -> str:
+    """The request path inside the app: without the prefix of a mount or a server's --root-path."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        return path[len(root.rstrip("/")) :] or "/"
+    return path
 
 
 class _GuardedRequest:
@@ -112,7 +134,8 @@ class _GuardedRequest:
         self.scope = scope
         self.receive = receive
         self.send = send
-        self.protocol = middleware.paths[scope["path"]]
+        self.path = route_path(scope)
+        self.protocol = middleware.paths[self.path]
         self.status: int | None = None
         self.first_byte: float | None = None
         self.reader: ReplyReader | None = None
@@ -128,8 +151,7 @@ class _GuardedRequest:
             self.gate.metrics.rejected.labels("malformed").inc()
             await self._respond(400, error_body(str(exc), "invalid_request_error", 400))
             return
-        if self.gate.log is not None:
-            self.gate.log.start()  # idempotent; an app without lifespan events still logs
+        self.middleware.open_log()  # cheap when open; an app served without lifespan events still logs
         decision = await self.gate.decide(conversation)
         if decision.blocked:
             await self._refuse(decision, conversation)
@@ -172,7 +194,7 @@ class _GuardedRequest:
     async def _refuse(self, decision: Decision, conversation: Conversation) -> None:
         protocol = self.protocol
         refusal = self.gate.refusal
-        self.gate.record(decision, conversation, self.scope["path"], reply=refusal)
+        self.gate.record(decision, conversation, self.path, reply=refusal)
         if not conversation.stream:
             await self._respond(200, protocol.refusal(conversation, refusal, decision.id), decision.headers())
             return
@@ -186,6 +208,7 @@ class _GuardedRequest:
 
     async def _call_app(self, body: bytes, decision: Decision, conversation: Conversation) -> None:
         replayed = False
+        inflate: Any = None
 
         async def receive() -> Message:
             nonlocal replayed
@@ -195,15 +218,26 @@ class _GuardedRequest:
             return await self.receive()
 
         async def send(message: Message) -> None:
+            nonlocal inflate
             if message["type"] == "http.response.start":
                 self.status = message["status"]
                 self.first_byte = time.perf_counter() - started
                 headers = list(message.get("headers", []))
                 content_type = dict(headers).get(b"content-type", b"")
                 self.reader = self.protocol.reader(content_type.startswith(b"text/event-stream"))
+                # An app that compresses its replies (GZipMiddleware inside the guard): read a copy.
+                encoding = dict(headers).get(b"content-encoding", b"").strip().lower()
+                if encoding in (b"gzip", b"deflate"):
+                    inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, auto-detected
                 message = {**message, "headers": headers + decision.headers()}
             elif message["type"] == "http.response.body" and self.reader is not None:
-                self.reader.feed(message.get("body", b""))
+                chunk = message.get("body", b"")
+                if inflate is not None:
+                    try:
+                        chunk = inflate.decompress(chunk)
+                    except zlib.error:
+                        chunk = b""
+                self.reader.feed(chunk)
             await self.send(message)
 
         started = time.perf_counter()
@@ -221,7 +255,7 @@ class _GuardedRequest:
             self.gate.record(
                 decision,
                 conversation,
-                self.scope["path"],
+                self.path,
                 status=self.status,
                 usage=usage,
                 reply=reader.text if reader else None,
