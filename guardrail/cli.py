@@ -108,15 +108,10 @@ def _load_guard(args: argparse.Namespace) -> Any:
         target_pass=args.target_pass,
         threads=args.threads,
     )
-    return Guard.load(
-        args.scenario,
-        model=settings.model,
-        cache_dir=settings.cache_path,
-        threads=settings.threads,
-        target_pass=settings.target_pass,
-        threshold=settings.threshold,
-        cache_size=settings.cache_size,
-    )
+    return Guard.from_settings(settings, args.scenario)
+
+
+NO_SCENARIO = "no scenario document: give --scenario, GUARDRAIL_SCENARIO or scenario = in --config"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -147,20 +142,10 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = Settings.load(config=args.config, **flags)
     if settings.scenario is None:
-        raise ConfigError(
-            "no scenario document: give --scenario, GUARDRAIL_SCENARIO or scenario = in --config"
-        )
+        raise ConfigError(NO_SCENARIO)
     if settings.upstream is None:
         raise ConfigError("no upstream: give --upstream, GUARDRAIL_UPSTREAM or upstream = in --config")
-    guard = Guard.load(
-        settings.scenario,
-        model=settings.model,
-        cache_dir=settings.cache_path,
-        threads=settings.threads,
-        target_pass=settings.target_pass,
-        threshold=settings.threshold,
-        cache_size=settings.cache_size,
-    )
+    guard = Guard.from_settings(settings)
     app = create_app(settings, guard)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     # httpx logs every upstream request at INFO; uvicorn's access log already shows each request.

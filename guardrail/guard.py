@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 from guardrail.encoder import Encoder
+from guardrail.errors import ConfigError
 from guardrail.layers.similarity import SimilarityLayer
 from guardrail.models import DEFAULT_MODEL
 from guardrail.scenario import ScenarioDocument, load_scenario
+from guardrail.settings import Settings
 
 Layer = Literal["similarity"]
 
@@ -74,6 +76,24 @@ class Guard:
         encoder = Encoder.load(model, cache_dir=cache_dir, threads=threads)
         similarity = SimilarityLayer.build(document, encoder, target_pass=target_pass, threshold=threshold)
         return cls(encoder, similarity, cache_size=cache_size)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, scenario: str | Path | None = None) -> Guard:
+        """A guard for ``scenario`` (default ``settings.scenario``) with the settings' model and tuning."""
+        scenario = scenario if scenario is not None else settings.scenario
+        if scenario is None:
+            raise ConfigError(
+                "no scenario document: give --scenario, GUARDRAIL_SCENARIO or scenario = in --config"
+            )
+        return cls.load(
+            scenario,
+            model=settings.model,
+            cache_dir=settings.cache_path,
+            threads=settings.threads,
+            target_pass=settings.target_pass,
+            threshold=settings.threshold,
+            cache_size=settings.cache_size,
+        )
 
     @property
     def threshold(self) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrail.batching import Batcher
+from guardrail.errors import ConfigError
 from guardrail.gate import Decision, Gate
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
@@ -52,20 +53,9 @@ class GuardrailMiddleware:
         self.app = app
         settings = settings if settings is not None else Settings.load(scenario=scenario)
         if guard is None:
-            source = scenario if scenario is not None else settings.scenario
-            if source is None:
-                from guardrail.errors import ConfigError
-
+            if scenario is None and settings.scenario is None:
                 raise ConfigError("GuardrailMiddleware needs a scenario document or a guard")
-            guard = Guard.load(
-                source,
-                model=settings.model,
-                cache_dir=settings.cache_path,
-                threads=settings.threads,
-                target_pass=settings.target_pass,
-                threshold=settings.threshold,
-                cache_size=settings.cache_size,
-            )
+            guard = Guard.from_settings(settings, scenario)
         # A log passed in belongs to the caller; one made from the settings is opened at each start-up
         # and flushed at each shutdown, so the app can be served again (tests, reloads).
         self._settings = settings

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from guardrail.protocols.base import BadRequest, Conversation, ReplyReader
-from guardrail.protocols.openai import MAX_PARSED_BYTES, MAX_REPLY_CHARS, content_text, parse_json_object
+from guardrail.protocols.openai import MAX_REPLY_CHARS, BodyReader, content_text, parse_json_object
 
 
 class JSONFields:
@@ -65,26 +65,12 @@ def _get(payload: Any, path: tuple[str, ...]) -> Any:
     return payload
 
 
-class _FieldReader:
+class _FieldReader(BodyReader):
     def __init__(self, path: tuple[str, ...]) -> None:
+        super().__init__()
         self._path = path
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.text: str | None = None
-        self.usage: dict[str, Any] | None = None
 
-    def feed(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size <= MAX_PARSED_BYTES:
-            self._chunks.append(chunk)
-
-    def close(self) -> None:
-        if not self._chunks or self._size > MAX_PARSED_BYTES:
-            return
-        try:
-            payload: Any = orjson.loads(b"".join(self._chunks))
-        except orjson.JSONDecodeError:
-            return
+    def read(self, payload: Any) -> None:
         for key in self._path:
             payload = payload.get(key) if isinstance(payload, dict) else None
         if isinstance(payload, str):

@@ -142,8 +142,8 @@ def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-class JSONReader:
-    """Reads a non-streamed ``chat.completion`` for its text and usage."""
+class BodyReader:
+    """Keeps a JSON reply body, up to ``MAX_PARSED_BYTES``, and reads it when complete."""
 
     def __init__(self) -> None:
         self._chunks: list[bytes] = []
@@ -167,7 +167,20 @@ class JSONReader:
             payload = orjson.loads(b"".join(self._chunks))
         except orjson.JSONDecodeError:
             return
-        self._chunks.clear()
+        finally:
+            self._chunks.clear()
+        self.read(payload)
+
+    def read(self, payload: Any) -> None:
+        """Take the text and usage out of the parsed body."""
+        raise NotImplementedError
+
+
+class JSONReader(BodyReader):
+    """Reads a non-streamed ``chat.completion`` for its text and usage."""
+
+    def read(self, payload: Any) -> None:
+        """The first choice's message and the usage."""
         if not isinstance(payload, dict):
             return
         usage = payload.get("usage")
