@@ -160,7 +160,12 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()
     return 0

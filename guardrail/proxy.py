@@ -35,6 +35,7 @@ from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
 from guardrail.protocols.openai import OpenAIChat, error_body
 from guardrail.relay import HOP_BY_HOP, RelayOutcome, UpstreamRelay, wait_for_disconnect
 from guardrail.settings import Settings
+from guardrail.transport import AiohttpTransport
 
 logger = logging.getLogger("guardrail.proxy")
 
@@ -58,7 +59,9 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
         max_connections=settings.max_connections,
         max_keepalive_connections=settings.max_connections,
     )
-    client = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+    client = httpx.AsyncClient(
+        timeout=timeout, follow_redirects=False, transport=AiohttpTransport(limits=limits)
+    )
     # httpx adds Accept, Accept-Encoding and User-Agent to every request; a proxy sends only what the
     # client sent (an Accept-Encoding the client never asked for would come back compressed to it).
     for name in ("accept", "accept-encoding", "user-agent"):
