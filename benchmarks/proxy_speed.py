@@ -1,0 +1,769 @@
+"""Proxy overhead: a fast local stub upstream called directly, and through `guardrail serve`.
+
+Two processes besides this one: a stub upstream (a bare asyncio HTTP/1.1 server answering every
+request with one small fixed ``chat.completion``) and the proxy (`guardrail serve` on
+``scenarios/real_estate.md``, interaction log on, as in production). This process is the closed-loop
+load generator: N keep-alive connections, each sending its next request as soon as the previous one is
+answered. Every user message is unique (a template-made real-estate question with its own house number
+or reference), so the guard's decision cache never hits.
+
+For 1, 8 and 32 clients, a run straight to the stub and a run through the proxy alternate, repeated
+three times; medians are quoted. Added latency is proxy minus direct, within each repeat. The encoder's
+own numbers come from the same run, in this process, while the servers are idle:
+
+- one encoder call on one message, 1 intra-op thread: the latency target is added p50 at 1 client
+  <= that p50 + 1 ms;
+- the most the bare encoder does on this machine, in messages/s: one session with 1 intra-op thread
+  shared by 2 threads (what the proxy's micro-batcher does), and one session with 2 intra-op threads,
+  at batch sizes 1, 8, 16 and 32, before and after the HTTP runs (the faster pass kept). The
+  throughput target is proxy messages/s at 32 clients >= 0.85x the best of those.
+
+CPU seconds per request come from /proc for each of the proxy's threads (its event loop is the main
+thread; the others are the batcher's encoder workers, the log writer and any native thread pools), for
+the stub, and for the load generator's thread.
+
+Why these tools: against the stub at 32 connections, an ``httpx.AsyncClient`` load generator cost
+0.9 to 2.6 ms of CPU per request (it would take a core from the proxy), ``wrk`` about 11 us and the raw
+asyncio client used here 20 to 30 us (under 1% of a core at the proxy's rate), with exact request
+counts and per-request checks of the status and the ``x-guardrail-verdict`` header. The stub costs
+about 12 us per request; a bare ASGI app under uvicorn and httptools cost 45 us.
+
+    GUARDRAIL_CACHE_DIR=/tmp/gcache python benchmarks/proxy_speed.py [--quick] [--no-record]
+        [--cache-dir DIR] [--profile raw.txt]
+
+``--profile`` also samples the proxy with py-spy (``pip install py-spy``) during one more run at
+32 clients and summarises where its event-loop thread spends its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import numpy as np
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+SCENARIO = "scenarios/real_estate.md"
+CLIENTS = (1, 8, 32)
+BATCHES = (1, 8, 16, 32)
+LATENCY_BUDGET_MS = 1.0  # added p50 at 1 client <= one encoder call + this
+THROUGHPUT_TARGET = 0.85  # proxy messages/s at 32 clients / the bare encoder's best
+
+T = TypeVar("T")
+
+STREETS = ["Maple Street", "Oak Lane", "Riverside Drive", "Church Road", "Station Avenue", "Elm Close",
+           "Mill Lane", "Park Road", "Victoria Street", "Queens Road", "Harbour View", "Kings Avenue"]  # fmt: skip
+HOMES = ["two bed flat", "3 bedroom house", "studio apartment", "cottage", "townhouse", "semi",
+         "ground floor flat", "detached house", "bungalow", "maisonette"]  # fmt: skip
+WHEN = ["this Saturday", "tomorrow afternoon", "next Tuesday morning", "after work on Friday", "on Monday",
+        "next week", "this weekend", "on Thursday at 5"]  # fmt: skip
+# Each on-topic template has a number slot, so there are tens of thousands of distinct messages.
+# fmt: off
+ON_TOPIC: list[tuple[str, dict[str, list[str]]]] = [
+    ("can I book a viewing for the {home} at {n} {street} {when}?", {"home": HOMES, "street": STREETS, "when": WHEN}),
+    ("is the {home} at {n} {street} close to {amenity}?", {"home": HOMES, "street": STREETS, "amenity": [
+        "any good primary schools", "a train station", "the supermarket", "a bus stop", "a park"]}),
+    ("the {thing} in my flat at {n} {street} has {problem} since {when}", {"street": STREETS,
+        "when": ["yesterday", "last week", "Monday night", "the weekend", "this morning"],
+        "thing": ["boiler", "shower", "kitchen tap", "washing machine", "front door lock", "heating"],
+        "problem": ["stopped working", "been leaking", "been making a loud noise", "broken down"]}),
+    ("any update on the {issue} I reported {when}? reference {ref}", {"ref": [str(r) for r in range(1000, 10000)],
+        "issue": ["leaking tap", "broken window", "damp patch", "faulty oven", "blocked drain", "mould"],
+        "when": ["last week", "on Monday", "two days ago", "a fortnight ago", "yesterday"]}),
+    ("I would like to make an offer of {price} on the {home} at {n} {street}", {"home": HOMES, "street": STREETS,
+        "price": [f"{k}k" for k in range(180, 900, 5)]}),
+    ("I am a landlord and want you to {service} my {home} at {n} {street}", {"home": HOMES, "street": STREETS,
+        "service": ["manage", "find tenants for", "value", "market", "let"]}),
+    ("can I get a valuation for my {home} at {n} {street} before {when}?", {"home": HOMES, "street": STREETS,
+        "when": ["the end of the month", "we move abroad", "next spring", "Christmas", "the summer"]}),
+    ("do you have any {home}s to {deal} near {street} for under {price}?", {"home": HOMES, "street": STREETS,
+        "deal": ["rent", "buy"], "price": [f"{k}0 a month" for k in range(60, 300)]}),
+]
+OFF_TOPIC: list[tuple[str, dict[str, list[str]]]] = [
+    ("can you give me a recipe for {dish} for {n} people?", {"dish": [
+        "banana bread", "a roast chicken", "chocolate chip cookies", "vegetable lasagne", "pizza dough"]}),
+    ("what will the weather be like in {city} on {month} {n}?", {"city": [
+        "London", "Madrid", "Berlin", "Chicago", "Tokyo", "Sydney", "Lisbon"], "month": [
+        "May", "June", "July", "August", "September"]}),
+    ("write me a short {kind} about {topic} for my {person} who turns {n}", {"kind": [
+        "poem", "story", "limerick", "toast"], "topic": ["autumn leaves", "our dog Max", "the sea", "friendship"],
+        "person": ["sister", "best friend", "grandmother", "colleague"]}),
+    ("how many calories are in {n} grams of {food}?", {"food": [
+        "rice", "pasta", "peanut butter", "cheddar", "dark chocolate", "porridge oats"]}),
+    ("please help me {task} before {n} o'clock {when}", {"task": [
+        "fix this python error", "write a cover letter", "translate a paragraph into French",
+        "plan a trip to Rome", "summarise an article about climate change"], "when": ["today", "tomorrow"]}),
+]
+# fmt: on
+
+
+def make_messages(templates: list[tuple[str, dict[str, list[str]]]], count: int, seed: int) -> list[str]:
+    """``count`` distinct messages (after the guard's whitespace normalisation), in random order."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[str] = []
+    while len(out) < count:
+        template, slots = rng.choice(templates)
+        values = {name: rng.choice(choices) for name, choices in slots.items()}
+        text = template.format(n=rng.randint(1, 250), **values)
+        key = " ".join(text.split())
+        if key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out
+
+
+def http_request(port: int, text: str) -> bytes:
+    """One keep-alive chat-completion request, as bytes on the wire."""
+    body = json.dumps(
+        {
+            "model": "stub-model",
+            "messages": [
+                {"role": "system", "content": "You are the assistant of a real estate agency."},
+                {"role": "user", "content": text},
+            ],
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+        f"authorization: Bearer sk-benchmark\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# The stub upstream ---------------------------------------------------------------------------------
+
+STUB_BODY = json.dumps(
+    {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "stub-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Happy to help."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34},
+    }
+).encode()
+STUB_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(STUB_BODY),
+    STUB_BODY,
+)
+
+
+class StubProtocol(asyncio.Protocol):
+    """Answers each request on a keep-alive connection with ``STUB_RESPONSE``, parsing only its length."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        while (end := buffer.find(b"\r\n\r\n")) >= 0:
+            length = _content_length(buffer[: end + 2].lower())
+            if len(buffer) < end + 4 + length:
+                break
+            buffer = buffer[end + 4 + length :]
+            self.transport.write(STUB_RESPONSE)
+        self.buffer = buffer
+
+
+def serve_stub() -> None:
+    """Run the stub on a free port, print the port, serve until terminated by the benchmark."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the benchmark, which stops the stub
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(StubProtocol, "127.0.0.1", 0, backlog=1024)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+
+    _run(main())
+
+
+def _content_length(head: bytes) -> int:
+    start = head.find(b"\r\ncontent-length:")
+    if start < 0:
+        return 0
+    return int(head[start + 17 : head.index(b"\r\n", start + 2)])
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed (uvicorn uses it too), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+# The load generator --------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One closed-loop run: per-request latencies, verdict headers, and what it cost."""
+
+    clients: int
+    latencies: list[float]  # seconds, in request order
+    verdicts: list[str]  # x-guardrail-verdict of each response ("" when absent)
+    wall: float
+    errors: int
+    cpu: dict[str, float]  # CPU seconds: client, stub, proxy, proxy_loop (its main thread), proxy_other
+    others: list[float]  # CPU seconds of each of the proxy's other threads, busiest first
+
+    @property
+    def per_s(self) -> float:
+        return len(self.latencies) / self.wall
+
+    def ms(self, q: float, verdict: str | None = None) -> float:
+        samples = [x for x, v in zip(self.latencies, self.verdicts, strict=True) if verdict in (None, v)]
+        return float(np.percentile(samples, q)) * 1e3 if samples else float("nan")
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str]:
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    if b"\r\ncontent-length:" in head:
+        await reader.readexactly(_content_length(head))
+    elif b"\r\ntransfer-encoding: chunked" in head:
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        await reader.readexactly(2)
+    else:
+        raise RuntimeError(f"a response with no length: {head[:200]!r}")
+    start = head.find(b"\r\nx-guardrail-verdict:")
+    verdict = "" if start < 0 else head[start + 22 : head.index(b"\r\n", start + 2)].strip().decode()
+    return int(head[9:12]), verdict
+
+
+async def _drive(
+    port: int, requests: Sequence[bytes], clients: int
+) -> tuple[list[float], list[str], float, int]:
+    latencies = [0.0] * len(requests)
+    verdicts = [""] * len(requests)
+    errors = 0
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
+    indices = iter(range(len(requests)))  # shared: each client takes the next request when it is free
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal errors
+        for i in indices:
+            start = time.perf_counter()
+            writer.write(requests[i])
+            status, verdicts[i] = await _read_response(reader)
+            latencies[i] = time.perf_counter() - start
+            errors += status != 200
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(*connection) for connection in connections))
+    wall = time.perf_counter() - start
+    for _, writer in connections:
+        writer.close()
+    return latencies, verdicts, wall, errors
+
+
+def run_load(port: int, requests: Sequence[bytes], clients: int, proxy: int = 0, stub: int = 0) -> Run:
+    """Send ``requests`` over ``clients`` connections, reading the CPU of the proxy and stub pids."""
+    threads, stub_cpu, client_cpu = thread_cpu(proxy), thread_cpu(stub), time.thread_time()
+    latencies, verdicts, wall, errors = _run(_drive(port, requests, clients))
+    cpu = {
+        "client": time.thread_time() - client_cpu,
+        "stub": sum(thread_cpu(stub).values()) - sum(stub_cpu.values()),
+    }
+    used = {tid: seconds - threads.get(tid, 0.0) for tid, seconds in thread_cpu(proxy).items()}
+    cpu["proxy_loop"] = used.pop(proxy, 0.0)
+    cpu["proxy_other"] = sum(used.values())
+    cpu["proxy"] = cpu["proxy_loop"] + cpu["proxy_other"]
+    return Run(clients, latencies, verdicts, wall, errors, cpu, sorted(used.values(), reverse=True))
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """User plus system CPU seconds of each live thread of a process, from /proc; none for pid 0."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir() if pid else ():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+# The encoder alone ---------------------------------------------------------------------------------
+
+
+def encoder_latency(encoder, texts: list[str], calls: int) -> float:
+    """Median milliseconds of one ``encode`` call on one message."""
+    for text in texts[:20]:
+        encoder.encode([text])
+    samples = []
+    for text in texts[20 : 20 + calls]:
+        start = time.perf_counter()
+        encoder.encode([text])
+        samples.append(time.perf_counter() - start)
+    return float(np.median(samples)) * 1e3
+
+
+def encoder_throughput(encoders: dict, texts: list[str], seconds: float, best: dict) -> None:
+    """Messages/s and CPU ms per message of each configuration; ``best`` keeps each one's fastest pass."""
+    for name, (encoder, workers) in encoders.items():
+        for batch in BATCHES:
+            per_s, cpu = _encoder_throughput(encoder, texts, workers, batch, seconds)
+            print(f"    {name}, batch {batch}: {per_s:.0f} messages/s, {cpu * 1e3:.2f} ms CPU/message")
+            if per_s > best.get((name, batch), (0.0, 0.0))[0]:
+                best[name, batch] = (per_s, cpu * 1e3)
+
+
+def _encoder_throughput(
+    encoder, texts: list[str], workers: int, batch: int, seconds: float
+) -> tuple[float, float]:
+    def work(first: int) -> int:
+        done, i = 0, first
+        while time.perf_counter() < deadline:
+            encoder.encode(texts[i : i + batch])
+            done += batch
+            i = (i + workers * batch) % (len(texts) - batch)
+        return done
+
+    for worker in range(workers):  # warm-up, and the first ONNX run of this shape
+        encoder.encode(texts[worker * batch : (worker + 1) * batch])
+    cpu, start = time.process_time(), time.perf_counter()
+    deadline = start + seconds
+    with ThreadPoolExecutor(workers) as pool:
+        done = sum(pool.map(work, [w * batch for w in range(workers)]))
+    return done / (time.perf_counter() - start), (time.process_time() - cpu) / done
+
+
+# The servers ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_stub(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, int]:
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-stub"], stdout=subprocess.PIPE, text=True
+    )
+    stack.callback(stop, process)
+    assert process.stdout is not None
+    return process, int(process.stdout.readline())
+
+
+def start_proxy(
+    stack: contextlib.ExitStack, upstream: int, workdir: Path, cache_dir: Path | None
+) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("guardrail")), "serve", "--scenario", SCENARIO,
+               "--upstream", f"http://127.0.0.1:{upstream}", "--port", str(port),
+               "--log-path", str(workdir / "interactions.jsonl")]  # fmt: skip
+    if cache_dir is not None:
+        command += ["--cache-dir", str(cache_dir)]
+    output = stack.enter_context((workdir / "proxy.out").open("w"))
+    process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    stack.callback(stop, process)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"guardrail serve exited:\n{(workdir / 'proxy.out').read_text()}")
+        url = f"http://127.0.0.1:{port}/healthz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            if response.status == 200:
+                return process, port
+        time.sleep(0.2)
+    raise SystemExit("guardrail serve did not answer /healthz within 180 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# Profiling -----------------------------------------------------------------------------------------
+
+# Where the event-loop thread's samples go: each sample counts for the first of these found walking its
+# stack from the innermost frame out, so a send inside httpx counts for httpx, not for the relay.
+SUBSYSTEMS = (
+    ("logging/", "logging (uvicorn's access log)"),
+    ("prometheus_client/", "Prometheus metrics"),
+    ("guardrail/interactions.py", "interaction log (serialise, queue)"),
+    ("httpx/", "upstream client: httpx, httpcore, h11, anyio"),
+    ("httpcore/", "upstream client: httpx, httpcore, h11, anyio"),
+    ("h11/", "upstream client: httpx, httpcore, h11, anyio"),
+    ("anyio/", "upstream client: httpx, httpcore, h11, anyio"),
+    ("guardrail/protocols/", "request parsing, reply reading (guardrail/protocols)"),
+    ("guardrail/batching.py", "micro-batcher hand-off"),
+    ("concurrent/futures/", "micro-batcher hand-off"),
+    ("guardrail/", "other guardrail code (proxy, relay, gate)"),
+    ("starlette/", "Starlette (middleware, routing, Request)"),
+    ("uvicorn/", "uvicorn (HTTP parsing, writes)"),
+)
+
+
+def profile(pid: int, port: int, requests: Sequence[bytes], out: Path) -> str:
+    """Sample the proxy with py-spy during one run at 32 clients; where its event-loop thread is."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    # Not --gil: a thread preempted while holding the GIL (when a loopback send wakes the peer, say) would
+    # count as busy there. Without it, samples are of threads not idle: on a core or waiting for one.
+    command = [
+        str(spy),
+        "record",
+        "--pid",
+        str(pid),
+        "--threads",
+        "--rate",
+        "200",
+        "--format",
+        "raw",
+        "-o",
+        str(out),
+    ]
+    sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        run = run_load(port, requests, 32, pid)
+    finally:
+        sampler.send_signal(signal.SIGINT)
+        sampler.wait(30)
+    threads: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
+    for line in out.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        thread, *frames = stack.split(";")
+        name = thread.split(": ", 1)[-1]
+        threads[name] += int(count)
+        if name == "MainThread" and frames:
+            own[frames[-1]] += int(count)
+            files = [frame.rsplit("(", 1)[-1] for frame in reversed(frames)]
+            part = next(
+                (label for file in files for pattern, label in SUBSYSTEMS if file.startswith(pattern)),
+                "event loop (uvloop, asyncio)",
+            )
+            parts[part] += int(count)
+    total, main = sum(threads.values()), threads["MainThread"]
+    lines = [
+        f"py-spy `record` during {len(requests)} more requests at 32 clients ({run.per_s:.1f} requests/s, event "
+        f"loop {run.cpu['proxy_loop'] / len(requests) * 1e3:.2f} ms CPU per request): {total} samples of threads "
+        "that were not idle (on a core, or waiting for a core or the GIL).",
+        "",
+        "Samples by thread: " + ", ".join(f"{name} {n / total:.0%}" for name, n in threads.most_common(5)),
+        "",
+        "| event-loop thread: part | share of its samples |",
+        "|---|---|",
+        *(f"| {part} | {n / main:.1%} |" for part, n in parts.most_common()),
+        "",
+        "| event-loop thread: innermost frame | share |",
+        "|---|---|",
+        *(f"| `{frame}` | {n / main:.1%} |" for frame, n in own.most_common(12)),
+    ]
+    return "\n".join(lines)
+
+
+# The report ----------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def per_request_ms(runs: list[Run], key: str) -> float:
+    return median([r.cpu[key] / len(r.latencies) * 1e3 for r in runs])
+
+
+def report(
+    latency: float, encoders: dict, direct: dict, proxied: dict, mixed: list[Run], repeats: int
+) -> tuple[str, dict]:
+    """The Markdown tables and the numbers the verdicts are drawn from."""
+    (best_name, best_batch), (best_rate, best_cpu) = max(encoders.items(), key=lambda item: item[1][0])
+    rows, cpu_rows = [], []
+    for c in CLIENTS:
+        d, p = direct[c], proxied[c]
+        added50 = median([q.ms(50) - r.ms(50) for q, r in zip(p, d, strict=True)])
+        added99 = median([q.ms(99) - r.ms(99) for q, r in zip(p, d, strict=True)])
+        rows.append(
+            f"| {c} | {len(p[0].latencies)} / {len(d[0].latencies)} | {median([r.ms(50) for r in d]):.2f} ms | "
+            f"{median([r.ms(99) for r in d]):.2f} ms | {median([r.per_s for r in d]):,.0f} | "
+            f"{median([r.ms(50) for r in p]):.2f} ms | {median([r.ms(99) for r in p]):.2f} ms | "
+            f"{median([r.per_s for r in p]):.1f} | **{added50:+.2f} ms** | {added99:+.2f} ms |"
+        )
+        # The proxy's other threads, busiest first, each as the median over the repeats.
+        ranks = [median([r.others[k] / len(r.latencies) * 1e3 for r in p]) for k in range(len(p[0].others))]
+        others = " + ".join(f"{x:.2f}" for x in ranks if x >= 0.05)
+        cpu_rows.append(
+            f"| {c} | {per_request_ms(p, 'proxy_loop'):.2f} | {per_request_ms(p, 'proxy_other'):.2f} ({others}) | "
+            f"{per_request_ms(p, 'proxy'):.2f} | {median([r.cpu['proxy'] / r.wall for r in p]):.2f} | "
+            f"{median([r.cpu['proxy_loop'] / r.wall for r in p]):.0%} | {per_request_ms(p, 'stub'):.3f} | "
+            f"{per_request_ms(p, 'client'):.3f} |"
+        )
+    runs = [r for c in CLIENTS for r in proxied[c]]
+    passed = sum(r.verdicts.count("passed") for r in runs)
+    judged = sum(len(r.verdicts) for r in runs)
+    errors = sum(r.errors for c in CLIENTS for r in direct[c] + proxied[c])
+    p32 = proxied[32]
+    busy = [x for x in (median([r.others[k] / len(r.latencies) * 1e3 for r in p32]) for k in range(len(p32[0].others))) if x >= 0.5]  # fmt: skip
+    numbers = {
+        "added_p50_1": median([q.ms(50) - r.ms(50) for q, r in zip(proxied[1], direct[1], strict=True)]),
+        "budget": latency + LATENCY_BUDGET_MS,
+        "latency": latency,
+        "rate": median([r.per_s for r in p32]),
+        "best_rate": best_rate,
+        "best_cpu": best_cpu,
+        "best": f"{best_name}, batch {best_batch}",
+        "loop_busy": median([r.cpu["proxy_loop"] / r.wall for r in p32]),
+        "loop_ms": per_request_ms(p32, "proxy_loop"),
+        "other_ms": per_request_ms(p32, "proxy_other"),
+        "proxy_ms": per_request_ms(p32, "proxy"),
+        "side_ms": per_request_ms(p32, "stub") + per_request_ms(p32, "client"),
+        "busy_threads": len(busy),
+    }
+    numbers["ratio"] = numbers["rate"] / best_rate
+
+    lines = [
+        "**The encoder alone** (in the benchmark process, on the same messages; throughput measured before and "
+        "after the HTTP runs, the faster pass kept)",
+        "",
+        f"- one `encode` call on one message, 1 intra-op thread: p50 **{latency:.2f} ms**",
+        "",
+        "| messages/s (CPU ms per message) | " + " | ".join(f"batch {b}" for b in BATCHES) + " |",
+        "|---|" + "---|" * len(BATCHES),
+    ]
+    for name in dict.fromkeys(name for name, _ in encoders):
+        cells = [f"{encoders[name, b][0]:.0f} ({encoders[name, b][1]:.1f})" for b in BATCHES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Reference: the best, {best_rate:.0f} messages/s ({best_name}, batch {best_batch}).",
+        "",
+        f"**Direct to the stub and through the proxy** (medians of {repeats} repeat(s); requests per run through "
+        "the proxy / direct; added = proxy minus direct within each repeat; requests/s = requests / wall time)",
+        "",
+        "| clients | requests | direct p50 | direct p99 | direct req/s | proxy p50 | proxy p99 | proxy req/s | added p50 | added p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Through the proxy {passed} of {judged} messages passed ({passed / judged:.1%}); the others were refused by "
+        f"the proxy and never reached the stub. Responses other than 200: {errors}.",
+        "",
+        "**CPU per request through the proxy** (ms, from /proc; medians. Event loop: the proxy's main thread. "
+        "Other threads: the batcher's encoder workers, the log writer and any native thread pools, each listed "
+        "busiest first. Cores: proxy CPU seconds per wall second; loop busy: the same for the main thread.)",
+        "",
+        "| clients | proxy event loop | proxy other threads (each) | proxy total | proxy cores | loop busy | stub | load generator |",
+        "|---|---|---|---|---|---|---|---|",
+        *cpu_rows,
+        "",
+        f"Going straight to the stub at 32 clients, the stub costs {per_request_ms(direct[32], 'stub') * 1e3:.0f} us "
+        f"and the load generator {per_request_ms(direct[32], 'client') * 1e3:.0f} us of CPU per request.",
+    ]
+    if mixed:
+        share = sum(r.verdicts.count("blocked") for r in mixed) / sum(len(r.verdicts) for r in mixed)
+        lines += [
+            "",
+            f"**Extra: half on-topic, half off-topic messages** (one run each; the proxy refused {share:.0%} of them "
+            "itself)",
+            "",
+            "| clients | requests | req/s | passed p50 | passed p99 | refused p50 | refused p99 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r.clients} | {len(r.latencies)} | {r.per_s:.1f} | {r.ms(50, 'passed'):.2f} ms | "
+            f"{r.ms(99, 'passed'):.2f} ms | {r.ms(50, 'blocked'):.2f} ms | {r.ms(99, 'blocked'):.2f} ms |"
+            for r in mixed
+        ]
+    return "\n".join(lines), numbers
+
+
+def meaning(n: dict) -> str:
+    """The verdicts on both targets, and where the CPU goes, in words."""
+    latency_ok = n["added_p50_1"] <= n["budget"]
+    out = [
+        f"**Latency: {verdict(latency_ok)}.** With 1 client the proxy adds {n['added_p50_1']:.2f} ms at p50; the "
+        f"budget is {n['budget']:.2f} ms (one encoder call, {n['latency']:.2f} ms, + {LATENCY_BUDGET_MS:g} ms)"
+        + ("." if latency_ok else f", exceeded by {n['added_p50_1'] - n['budget']:.2f} ms.")
+    ]
+    throughput_ok = n["ratio"] >= THROUGHPUT_TARGET
+    out.append(
+        f"**Throughput: {verdict(throughput_ok)}.** With 32 clients the proxy serves {n['rate']:.1f} requests/s, "
+        f"{n['ratio']:.2f}x the bare encoder's best ({n['best_rate']:.0f} messages/s, {n['best']}); the target is "
+        f"{THROUGHPUT_TARGET}x"
+        + ("." if throughput_ok else f", missed by {THROUGHPUT_TARGET - n['ratio']:.2f}x.")
+    )
+    total = n["proxy_ms"] + n["side_ms"]
+    cores = os.cpu_count() or 1
+    text = (
+        f"**Where the CPU goes.** At 32 clients each request costs {n['proxy_ms']:.2f} ms of proxy "
+        f"CPU: {n['loop_ms']:.2f} ms on the event loop (busy {n['loop_busy']:.0%} of the time) and "
+        f"{n['other_ms']:.2f} ms on other threads, against {n['best_cpu']:.2f} ms per message for the bare encoder "
+        f"at its best. With the stub and the load generator ({n['side_ms']:.2f} ms) that is {total:.2f} ms per "
+        f"request, so {cores} fully used cores could serve at most {cores * 1e3 / total:.0f} requests/s; the "
+        f"encoder alone at {n['best_cpu']:.2f} ms per message could do {cores * 1e3 / n['best_cpu']:.0f}. "
+        f"For {THROUGHPUT_TARGET}x on CPU alone, with the encoder threads as frugal as the bare encoder, all "
+        f"the rest (event loop, stub, load generator) can have {(1 / THROUGHPUT_TARGET - 1) * n['best_cpu']:.2f} "
+        "ms per request."
+    )
+    if n["other_ms"] > 1.3 * n["best_cpu"]:
+        text += (
+            f" The proxy's other threads use {n['other_ms'] / n['best_cpu']:.1f}x the bare encoder's CPU per "
+            f"message, and {n['busy_threads']} of them used 0.5 ms or more per request where the batcher runs 2 "
+            "workers: an extra busy thread is a native pool, such as OpenBLAS's for numpy's matrix products in "
+            "the similarity layer (unless OPENBLAS_NUM_THREADS=1)."
+        )
+    out.append(text)
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer requests and one repeat, for a smoke test"
+    )
+    parser.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="model cache (default: GUARDRAIL_CACHE_DIR or ~/.cache)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, metavar="RAW", help="also sample the proxy with py-spy into RAW"
+    )
+    parser.add_argument("--serve-stub", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_stub:
+        serve_stub()
+        return
+    # A plain kill of this script still stops the servers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.perf_counter()
+    repeats = 1 if args.quick else 3
+    proxy_n = {1: 100, 8: 300, 32: 600} if args.quick else {1: 500, 8: 1000, 32: 2000}
+    direct_n = 4000 if args.quick else 20000
+    mixed_n = {1: 100, 32: 300} if args.quick else {1: 300, 32: 1000}
+    seconds = 0.7 if args.quick else 1.5
+    load_before = os.getloadavg()[0]
+
+    profiled = 2000 if args.profile else 0
+    on_topic = make_messages(
+        ON_TOPIC, 300 + repeats * sum(proxy_n.values()) + sum(mixed_n.values()) + profiled, 1
+    )
+    off_topic = make_messages(OFF_TOPIC, sum(mixed_n.values()), seed=2)
+    words = [len(t.split()) for t in on_topic]
+    print(
+        f"{len(on_topic)} distinct on-topic messages, {min(words)}-{max(words)} words; load {load_before:.2f}"
+    )
+
+    from guardrail.encoder import Encoder  # here, so that the stub process does not load it
+
+    one = Encoder.load(threads=1, cache_dir=args.cache_dir)  # exports the model on first use
+    encoders = {"2 threads sharing a 1-thread session": (one, 2), "1 thread, 2-thread session": (
+        Encoder.load(threads=2, cache_dir=args.cache_dir), 1)}  # fmt: skip
+    latency = encoder_latency(one, on_topic, 100 if args.quick else 300)
+    print(f"encoder alone: one call p50 {latency:.2f} ms")
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    encoder_throughput(encoders, on_topic, seconds, best)
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="proxy-speed-")))
+        stub, stub_port = start_stub(stack)
+        proxy, proxy_port = start_proxy(stack, stub_port, workdir, args.cache_dir)
+        print(f"stub on port {stub_port} (pid {stub.pid}), proxy on port {proxy_port} (pid {proxy.pid})")
+        fresh: Iterator[str] = iter(on_topic)  # each message goes through the proxy once
+
+        def through_proxy(texts: Iterator[str] | list[str], n: int) -> list[bytes]:
+            requests = [http_request(proxy_port, text) for text in itertools.islice(texts, n)]
+            if len(requests) < n:
+                raise RuntimeError("ran out of distinct messages")
+            return requests
+
+        direct_requests = [http_request(stub_port, on_topic[i % len(on_topic)]) for i in range(direct_n)]
+        run_load(stub_port, direct_requests[:2000], 8)  # warm-up
+        run_load(proxy_port, through_proxy(fresh, 300), 8)
+        direct: dict[int, list[Run]] = {c: [] for c in CLIENTS}
+        proxied: dict[int, list[Run]] = {c: [] for c in CLIENTS}
+        for repeat in range(repeats):
+            for c in CLIENTS:
+                d = run_load(stub_port, direct_requests, c, proxy.pid, stub.pid)
+                p = run_load(proxy_port, through_proxy(fresh, proxy_n[c]), c, proxy.pid, stub.pid)
+                direct[c].append(d)
+                proxied[c].append(p)
+                print(
+                    f"[{repeat + 1}/{repeats}] {c:2d} clients: direct p50 {d.ms(50):.2f} ms p99 {d.ms(99):.2f} ms "
+                    f"{d.per_s:,.0f}/s | proxy p50 {p.ms(50):.2f} ms p99 {p.ms(99):.2f} ms {p.per_s:.1f}/s, "
+                    f"CPU {p.cpu['proxy'] / len(p.latencies) * 1e3:.2f} ms/request "
+                    f"(event loop {p.cpu['proxy_loop'] / len(p.latencies) * 1e3:.2f})"
+                )
+
+        mixed = []
+        off = iter(off_topic)
+        for c, n in mixed_n.items():
+            texts = [next(off) if i % 2 else next(fresh) for i in range(n)]
+            random.Random(c).shuffle(texts)
+            run = run_load(proxy_port, through_proxy(texts, n), c, proxy.pid, stub.pid)
+            mixed.append(run)
+            print(f"mixed, {c} clients: {run.per_s:.1f}/s, {run.verdicts.count('blocked')} of {n} refused")
+
+        hot = profile(proxy.pid, proxy_port, through_proxy(fresh, profiled), args.profile) if profiled else ""
+        print(hot)
+
+    print("encoder alone, again:")
+    encoder_throughput(encoders, on_topic, seconds, best)
+    body, numbers = report(latency, best, direct, proxied, mixed, repeats)
+    text = meaning(numbers)
+    elapsed = time.perf_counter() - started
+    intro = (
+        f"Model {one.id}, scenario `{SCENARIO}`, `guardrail serve` with its defaults (interaction log on, log level "
+        "info) in front of a stub upstream (a bare asyncio HTTP/1.1 server answering every request with one small "
+        "fixed `chat.completion`). Load: closed-loop clients on keep-alive connections, each sending its next "
+        "request when the previous one is answered, from a raw asyncio HTTP/1.1 client in the benchmark process. "
+        f"Every user message is unique ({min(words)}-{max(words)} words, real-estate questions with their own house "
+        "or reference numbers), so no decision comes from the guard's cache. 1-minute load average before the "
+        f"run {load_before:.2f}, after {os.getloadavg()[0]:.2f}; the script took {elapsed:.0f} s.\n\n"
+    )
+    body = intro + body + "\n\n**What this means**\n\n" + text
+    if hot:
+        body += "\n\n**Where the proxy's event loop spends its time at 32 clients**\n\n" + hot
+    print(body)
+    if not args.no_record:
+        from _results import record
+
+        record("Proxy overhead", body)
+
+
+if __name__ == "__main__":
+    main()
