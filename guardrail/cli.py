@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log every request on stderr too (off: the interaction log already records each one)",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="judge messages against a scenario document")
