@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from guardrail.encoder import Encoder
@@ -40,7 +41,7 @@ class Verdict:
     threshold: float
     layer: Layer
     scenario: str
-    followup: bool = False  # the message reads as a follow-up that needs the previous turn
+    followup: bool = False  # blocked alone, and reads as a follow-up that needs the previous turn
     context: bool = False  # judged together with the previous user turn
 
 
@@ -151,10 +152,14 @@ class Guard:
 
     def _decide(self, texts: list[str]) -> list[Verdict]:
         vectors = self.encoder.encode(texts)
+        threshold = self.similarity.threshold
         with one_blas_thread():
             scores, nearest = self.similarity.score(vectors)
-            followups = self.similarity.followup(vectors)
-        threshold = self.similarity.threshold
+            # Only a message that would be blocked can need the previous turn.
+            followups = np.zeros(len(texts), dtype=bool)
+            below = scores < threshold
+            if below.any():
+                followups[below] = self.similarity.followup(vectors[below])
         scenarios = self.document.scenarios
         return [
             Verdict(
