@@ -177,7 +177,12 @@ class Proxy:
             return _error(400, str(exc), "invalid_request_error")
         except ClientDisconnect:
             return Response(status_code=499)
-        decision = await self.gate.decide(conversation)
+        try:
+            decision = await self.gate.decide(conversation)
+        except Exception as exc:
+            # A broken guard fails closed with a clear error, never a traceback, and is logged in full.
+            logger.exception("the guard failed on a request")
+            return _error(500, f"guardrail could not judge the request: {type(exc).__name__}", "server_error")
         path = request.url.path
         if decision.blocked:
             self.gate.record(decision, conversation, path, reply=self.gate.refusal)
@@ -224,7 +229,10 @@ class Proxy:
             return response
         first_byte = time.perf_counter() - sent
         self.gate.metrics.upstream_seconds.observe(first_byte)
-        reader = self.protocol.reader(conversation.stream)
+        # Read the reply by what came back: an upstream error to a streamed request is plain JSON.
+        reader = self.protocol.reader(
+            upstream.headers.get("content-type", "").startswith("text/event-stream")
+        )
 
         def finished(outcome: RelayOutcome) -> None:
             if outcome.error:

@@ -8,6 +8,7 @@ import http.client
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -708,3 +709,29 @@ def test_concurrent_requests_each_get_their_own_verdict(
     assert batcher.items == 32
     # 32 requests at once on 2 workers: the queue that forms while they are busy is judged in batches.
     assert batcher.batches < 32
+
+
+class _BrokenGuard:
+    """A guard whose encoder fails: what a corrupt model or a bug would look like from the proxy."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.document = guard.document
+
+    def judge_many(self, queries: object) -> list[object]:
+        raise RuntimeError("the encoder broke")
+
+
+def test_a_failing_guard_answers_a_clean_500_and_never_calls_the_upstream(
+    guard: Guard, fake_upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    settings = Settings(upstream=fake_upstream.url, log_path=tmp_path / "log.jsonl")
+    with ProxyServer(_BrokenGuard(guard), settings) as proxy:  # type: ignore[arg-type]
+        response = proxy.http().post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": ON_TOPIC[0]}]},
+        )
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert "could not judge" in error["message"] and "Traceback" not in response.text
+    assert fake_upstream.requests == []
