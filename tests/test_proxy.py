@@ -735,3 +735,17 @@ def test_a_failing_guard_answers_a_clean_500_and_never_calls_the_upstream(
     assert error["type"] == "server_error"
     assert "could not judge" in error["message"] and "Traceback" not in response.text
     assert fake_upstream.requests == []
+
+
+def test_cookies_an_upstream_sets_never_go_out_with_another_request(
+    proxy: ProxyServer, fake_upstream: FakeOpenAI
+) -> None:
+    # A shared client with a cookie jar would send user A's session cookie with user B's request.
+    first = proxy.http().get("/v1/echo", params={"set_cookie": "session=user-a-secret"})
+    assert first.status_code == 200
+    proxy.http().get("/v1/models")
+    proxy.sdk().chat.completions.create(model="m", messages=[{"role": "user", "content": ON_TOPIC[0]}])
+    later = fake_upstream.requests[1:]
+    assert len(later) == 2
+    for arrived in later:
+        assert "user-a-secret" not in str(arrived.headers)

@@ -175,6 +175,8 @@ class FakeOpenAI:
         }
         status = int(request.query_params.get("status", "200"))
         headers = {"x-upstream-header": "kept", "x-request-id": "req-echo-1"}
+        if "set_cookie" in request.query_params:
+            headers["set-cookie"] = request.query_params["set_cookie"] + "; Path=/"
         return Response(orjson.dumps(echo), status, headers=headers, media_type="application/json")
 
     def _chat(self, recorded: Recorded) -> Response:
