@@ -1,18 +1,20 @@
 """A micro-batcher that keeps the encoder off the event loop and groups concurrent messages.
 
-Requests hand their message to ``submit`` and await the result. Up to ``workers`` batches run at once
-in a thread pool (onnxruntime releases the GIL, so two workers use two cores). A batch starts as soon
-as a worker is free and takes everything waiting, up to ``max_batch``: there is no timer, so a lone
-request is judged at once, and under load the queue that forms while the workers are busy becomes the
-next batch. All bookkeeping happens on the event loop's thread, so it needs no lock.
+Requests hand their message to ``submit`` and await the result. ``workers`` threads (onnxruntime
+releases the GIL, so two workers use two cores) each take everything waiting, up to ``max_batch``, run
+it as one batch, hand the results back to the event loop and take the next batch themselves. There is
+no timer, so a lone request is judged at once, and under load the queue that forms while the workers
+are busy becomes the next batch. Workers never wait for the event loop to hand them work, so a busy
+loop does not leave a core idle between batches; the loop only enqueues and takes results back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -28,9 +30,10 @@ class Batcher(Generic[T, R]):
         self.function = function
         self.workers = workers
         self.max_batch = max_batch
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="guardrail-encoder")
         self._waiting: deque[tuple[T, asyncio.Future[R]]] = deque()
-        self._running = 0
+        self._ready = threading.Condition()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
         self.batches = 0  # how many batches ran: with ``items``, the mean batch size
         self.items = 0
 
@@ -42,44 +45,65 @@ class Batcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """The result for one item, computed in a batch with whatever else is waiting."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
-        self._start_batches()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if not self._threads:
+                self._start()
+            self._waiting.append((item, future))
+            self._ready.notify()
         return await future
 
     def close(self) -> None:
-        """Stop the worker threads once the running batches finish."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers once the batches they are running finish; waiting items still run."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
 
-    def _start_batches(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting and self._running < self.workers:
-            batch: list[tuple[T, asyncio.Future[R]]] = []
-            while self._waiting and len(batch) < self.max_batch:
-                item, future = self._waiting.popleft()
-                if not future.cancelled():  # the client went away while waiting
-                    batch.append((item, future))
+    def _start(self) -> None:
+        for i in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"guardrail-encoder_{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:
+                    return
+                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch))]
+            # A client that went away while waiting needs no answer.
+            batch = [(item, future) for item, future in batch if not future.cancelled()]
             if not batch:
                 continue
-            self._running += 1
             self.batches += 1
             self.items += len(batch)
-            items = [item for item, _ in batch]
-            done = loop.run_in_executor(self._executor, self.function, items)
-            done.add_done_callback(lambda task, batch=batch: self._finish(task, batch))  # type: ignore[misc]
+            results: Sequence[R] = ()
+            error: BaseException | None = None
+            try:
+                results = self.function([item for item, _ in batch])
+                if len(results) != len(batch):
+                    error = RuntimeError(
+                        f"the batch function returned {len(results)} results for {len(batch)} items"
+                    )
+            except Exception as exc:
+                error = exc
+            loops: dict[asyncio.AbstractEventLoop, list[int]] = {}
+            for index, (_, future) in enumerate(batch):
+                loops.setdefault(future.get_loop(), []).append(index)
+            for loop, indices in loops.items():
+                deliveries = [(batch[i][1], None if error else results[i]) for i in indices]
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                    loop.call_soon_threadsafe(_deliver, deliveries, error)
 
-    def _finish(self, task: asyncio.Future[Sequence[R]], batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        self._running -= 1
-        error = task.exception() if not task.cancelled() else asyncio.CancelledError()
-        if error is None and len(task.result()) != len(batch):
-            error = RuntimeError(
-                f"the batch function returned {len(task.result())} results for {len(batch)} items"
-            )
-        if error is None:
-            for (_, future), result in zip(batch, task.result(), strict=True):
-                if not future.done():
-                    future.set_result(result)
+
+def _deliver(deliveries: list[tuple[asyncio.Future[R], R | None]], error: BaseException | None) -> None:
+    for future, result in deliveries:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
         else:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-        self._start_batches()
+            future.set_result(result)  # type: ignore[arg-type]
