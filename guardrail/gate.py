@@ -17,7 +17,7 @@ from guardrail.guard import Guard, Query, Verdict
 from guardrail.interactions import InteractionLog, new_id
 from guardrail.metrics import Metrics
 from guardrail.protocols.base import Conversation
-from guardrail.settings import DEFAULT_REFUSAL, Mode
+from guardrail.settings import DEFAULT_REFUSAL, Mode, Settings
 
 Action = Literal["passed", "blocked", "would-block", "unjudged"]
 
@@ -72,6 +72,18 @@ class Gate:
         self.log = log
         self.metrics = metrics if metrics is not None else Metrics()
         self.scenario = guard.document.name
+
+    @classmethod
+    def from_settings(
+        cls,
+        guard: Guard,
+        settings: Settings,
+        log: InteractionLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> Gate:
+        """A gate with the settings' mode, refusal and encoder workers."""
+        batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
+        return cls(guard, batcher, settings.mode, settings.refusal, log, metrics)
 
     async def decide(self, conversation: Conversation) -> Decision:
         """Judge the conversation's last user message, with the previous turn as context."""
@@ -135,3 +147,15 @@ class Gate:
         if not self.log.write(record):
             self.metrics.log_dropped.inc()
         self.metrics.log_depth.set(self.log.depth)
+
+
+def open_log(settings: Settings) -> InteractionLog | None:
+    """The interaction log the settings ask for (not started), or None when it is off."""
+    if settings.log_path is None:
+        return None
+    return InteractionLog(
+        settings.log_path,
+        max_bytes=settings.log_max_bytes,
+        backups=settings.log_backups,
+        queue_size=settings.log_queue,
+    )

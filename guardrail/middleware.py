@@ -21,9 +21,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardrail.batching import Batcher
 from guardrail.errors import ConfigError
-from guardrail.gate import Decision, Gate
+from guardrail.gate import Decision, Gate, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
@@ -67,8 +66,7 @@ class GuardrailMiddleware:
             dict(paths) if isinstance(paths, Mapping) else dict.fromkeys(paths, protocol)
         )
         self.max_body_bytes = settings.max_body_bytes
-        batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
-        self.gate = Gate(guard, batcher, settings.mode, settings.refusal, log, metrics)
+        self.gate = Gate.from_settings(guard, settings, log, metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -83,12 +81,7 @@ class GuardrailMiddleware:
         """The log in use, opening a new one from the settings when the last one was closed."""
         log = self.gate.log
         if self._owns_log and (log is None or log.closed):
-            settings = self._settings
-            assert settings.log_path is not None
-            log = InteractionLog(
-                settings.log_path, settings.log_max_bytes, settings.log_backups, settings.log_queue
-            )
-            self.gate.log = log
+            log = self.gate.log = open_log(self._settings)
         if log is not None:
             log.start()
         return log

@@ -26,8 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from guardrail.batching import Batcher
-from guardrail.gate import Decision, Gate
+from guardrail.gate import Decision, Gate, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
@@ -101,16 +100,9 @@ def create_app(
 
         raise ConfigError("the proxy needs an upstream URL (--upstream or GUARDRAIL_UPSTREAM)")
     owns_transport, owns_log = transport is None, log is None
-    if log is None and settings.log_path is not None:
-        log = InteractionLog(
-            settings.log_path,
-            max_bytes=settings.log_max_bytes,
-            backups=settings.log_backups,
-            queue_size=settings.log_queue,
-        )
-    metrics = metrics if metrics is not None else Metrics()
-    batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
-    gate = Gate(guard, batcher, settings.mode, settings.refusal, log, metrics)
+    if log is None:
+        log = open_log(settings)
+    gate = Gate.from_settings(guard, settings, log, metrics)
     proxy = Proxy(settings, gate, Upstream(settings, transport), protocol or OpenAIChat())
 
     @contextlib.asynccontextmanager
@@ -123,7 +115,7 @@ def create_app(
             # What was passed in belongs to the caller; what was made here is closed here.
             if owns_transport:
                 await proxy.upstream.aclose()
-            batcher.close()
+            gate.batcher.close()
             if log is not None and owns_log:
                 # Flushing may touch the disk: keep it off the loop.
                 await asyncio.to_thread(log.close)
