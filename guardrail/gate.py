@@ -7,6 +7,7 @@ names it in response headers, and writes the interaction record and metrics once
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -20,6 +21,30 @@ from guardrail.protocols.base import Conversation
 from guardrail.settings import DEFAULT_REFUSAL, Mode, Settings
 
 Action = Literal["passed", "blocked", "would-block", "unjudged"]
+
+
+class BodyTooLarge(Exception):
+    """A request body is over ``max_body_bytes`` (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than the limit of {limit} bytes")
+
+
+def check_declared_length(headers: Iterable[tuple[bytes, bytes]], limit: int) -> None:
+    """Refuse a body whose Content-Length is over the limit before reading any of it."""
+    for key, value in headers:
+        if key.lower() == b"content-length" and value.isdigit() and int(value) > limit:
+            raise BodyTooLarge(limit)
+
+
+async def limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """Pass a body's chunks on, raising ``BodyTooLarge`` once they add up to more than ``limit``."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        yield chunk
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrail.errors import ConfigError
-from guardrail.gate import Decision, Gate, open_log
+from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
@@ -108,6 +108,10 @@ def route_path(scope: Scope) -> str:
     return path
 
 
+class _ClientLeft(Exception):
+    """The client disconnected while its body was being read."""
+
+
 class _GuardedRequest:
     """Per-request state: the body, the decision, and the reply as it goes by."""
 
@@ -142,30 +146,26 @@ class _GuardedRequest:
         await self._call_app(body, decision, conversation)
 
     async def _read_body(self, limit: int) -> bytes | None:
-        headers = dict(self.scope["headers"])
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:
-            await self._too_large(limit)
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await self._too_large(limit)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        """The whole body, or None when the client left or the body was refused as too large."""
 
-    async def _too_large(self, limit: int) -> None:
-        self.gate.metrics.rejected.labels("too_large").inc()
-        message = f"the request body is larger than the limit of {limit} bytes"
-        await self._respond(413, error_body(message, "invalid_request_error", 413))
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientLeft
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+        try:
+            check_declared_length(self.scope["headers"], limit)
+            return b"".join([chunk async for chunk in limited(chunks(), limit)])
+        except _ClientLeft:
+            return None
+        except BodyTooLarge as exc:
+            self.gate.metrics.rejected.labels("too_large").inc()
+            await self._respond(413, error_body(str(exc), "invalid_request_error", 413))
+            return None
 
     async def _respond(
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None

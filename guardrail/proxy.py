@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from guardrail.gate import Decision, Gate, open_log
+from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
@@ -40,10 +40,6 @@ logger = logging.getLogger("guardrail.proxy")
 
 GUARDED_PATHS = ("/v1/chat/completions", "/chat/completions")
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-
-
-class BodyTooLarge(Exception):
-    """The request body is over ``max_body_bytes``."""
 
 
 class Upstream:
@@ -173,17 +169,15 @@ class Proxy:
 
     async def chat(self, request: Request) -> Response:
         """A guarded chat completion: judged, then refused here or relayed upstream."""
-        metrics = self.gate.metrics
+        limit = self.settings.max_body_bytes
         try:
-            body = await _read_body(request, self.settings.max_body_bytes)
+            check_declared_length(request.headers.raw, limit)
+            body = b"".join([chunk async for chunk in limited(request.stream(), limit)])
             conversation = self.protocol.parse(body)
-        except BodyTooLarge:
-            metrics.rejected.labels("too_large").inc()
-            limit = self.settings.max_body_bytes
-            message = f"the request body is larger than the proxy's limit of {limit} bytes"
-            return _error(413, message, "invalid_request_error")
+        except BodyTooLarge as exc:
+            return self._too_large(exc)
         except BadRequest as exc:
-            metrics.rejected.labels("malformed").inc()
+            self.gate.metrics.rejected.labels("malformed").inc()
             return _error(400, str(exc), "invalid_request_error")
         except ClientDisconnect:
             return Response(status_code=499)
@@ -267,34 +261,31 @@ class Proxy:
             # "/v1/./chat/completions" would reach the upstream's chat endpoint unjudged.
             self.gate.metrics.rejected.labels("malformed").inc()
             return _error(400, "the path has empty, '.' or '..' segments", "invalid_request_error")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            self.gate.metrics.rejected.labels("too_large").inc()
-            limit = self.settings.max_body_bytes
-            return _error(
-                413,
-                f"the request body is larger than the proxy's limit of {limit} bytes",
-                "invalid_request_error",
-            )
-        has_body = length is not None or "transfer-encoding" in request.headers
+        limit = self.settings.max_body_bytes
+        try:
+            check_declared_length(request.headers.raw, limit)
+        except BodyTooLarge as exc:
+            return self._too_large(exc)
+        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
         upstream_request = self.upstream.request(
             request.method,
             self.target(request.scope["raw_path"], request.scope["query_string"]),
             _request_headers(request.headers.raw, guarded=False),
-            _limited(request, self.settings.max_body_bytes) if has_body else None,
+            limited(request.stream(), limit) if has_body else None,
         )
         try:
             upstream = await self.upstream.send(upstream_request)
         except ClientDisconnect:
             return Response(status_code=499)
-        except BodyTooLarge:
-            self.gate.metrics.rejected.labels("too_large").inc()
-            limit = self.settings.max_body_bytes
-            message = f"the request body is larger than the proxy's limit of {limit} bytes"
-            return _error(413, message, "invalid_request_error")
+        except BodyTooLarge as exc:
+            return self._too_large(exc)
         except httpx.HTTPError as exc:
             return self._upstream_failed(exc, [])
         return UpstreamRelay(upstream)
+
+    def _too_large(self, exc: BodyTooLarge) -> Response:
+        self.gate.metrics.rejected.labels("too_large").inc()
+        return _error(413, str(exc), "invalid_request_error")
 
     def _upstream_failed(self, exc: httpx.HTTPError, headers: list[tuple[bytes, bytes]]) -> Response:
         timed_out = isinstance(exc, httpx.TimeoutException)
@@ -316,29 +307,6 @@ class Proxy:
 def _normal(path: str) -> bool:
     segments = path.split("/")[1:-1]  # a trailing slash is fine
     return not any(segment in ("", ".", "..") for segment in segments) and not path.endswith(("/.", "/.."))
-
-
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        yield chunk
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _send_unless_client_leaves(
