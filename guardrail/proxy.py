@@ -32,7 +32,7 @@ from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
 from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
 from guardrail.protocols.openai import OpenAIChat, error_body
-from guardrail.relay import HOP_BY_HOP, RelayOutcome, UpstreamRelay, wait_for_disconnect
+from guardrail.relay import RelayOutcome, UpstreamRelay, wait_for_disconnect, without_hop_by_hop
 from guardrail.settings import Settings
 from guardrail.transport import AiohttpTransport
 
@@ -330,18 +330,12 @@ async def _send_unless_client_leaves(
 
 def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[tuple[bytes, bytes]]:
     """The client's headers minus hop-by-hop ones; Authorization and the rest go on as they came."""
-    connection = {
-        name.strip().lower()
-        for key, value in raw
-        if key.lower() == b"connection"
-        for name in value.decode("latin-1").split(",")
-    }
-    drop = HOP_BY_HOP | connection | {"host"}
+    drop = {"host"}
     if guarded:
         # The body is re-sent from memory (httpx sets its length), and the reply is read for the log,
         # so it is asked for uncompressed.
         drop |= {"content-length", "accept-encoding"}
-    kept = [(k, v) for k, v in raw if k.decode("latin-1").lower() not in drop]
+    kept = [(k, v) for k, v in without_hop_by_hop(raw) if k.decode("latin-1").lower() not in drop]
     if guarded:
         kept.append((b"accept-encoding", b"identity"))
     return kept

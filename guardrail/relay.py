@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -41,12 +41,21 @@ HOP_BY_HOP = frozenset(
 )
 
 
+def without_hop_by_hop(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers minus the hop-by-hop ones, including those the Connection header names, in order."""
+    hop = HOP_BY_HOP | {
+        name.strip().lower()
+        for key, value in raw
+        if key.lower() == b"connection"
+        for name in value.decode("latin-1").split(",")
+        if name.strip()
+    }
+    return [(k, v) for k, v in raw if k.decode("latin-1").lower() not in hop]
+
+
 def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers minus hop-by-hop ones, raw bytes, in order."""
-    hop = HOP_BY_HOP | {
-        name.strip().lower() for name in upstream.headers.get("connection", "").split(",") if name.strip()
-    }
-    return [(k.lower(), v) for k, v in upstream.headers.raw if k.decode("latin-1").lower() not in hop]
+    return [(k.lower(), v) for k, v in without_hop_by_hop(upstream.headers.raw)]
 
 
 @dataclass
