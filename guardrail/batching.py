@@ -44,6 +44,14 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """The result for one item, computed in a batch with whatever else is waiting."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue one item now, from the event loop; the future gets its result.
+
+        The item is in the queue when this returns, so the caller can do other work while the
+        encoder runs and await the future after.
+        """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         with self._ready:
             if self._closed:
@@ -52,7 +60,7 @@ class Batcher(Generic[T, R]):
                 self._start()
             self._waiting.append((item, future))
             self._ready.notify()
-        return await future
+        return future
 
     def close(self) -> None:
         """Stop the workers once the batches they are running finish; waiting items still run."""

@@ -153,8 +153,6 @@ def _serve(args: argparse.Namespace) -> int:
     guard = Guard.from_settings(settings)
     app = create_app(settings, guard)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    # httpx logs every upstream request at INFO; uvicorn's access log already shows each request.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     base = f"http://{settings.host}:{settings.port}"
     print(
         f"guardrail: guarding {settings.upstream} with {settings.scenario} "

@@ -7,7 +7,7 @@ names it in response headers, and writes the interaction record and metrics once
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -112,10 +112,21 @@ class Gate:
 
     async def decide(self, conversation: Conversation) -> Decision:
         """Judge the conversation's last user message, with the previous turn as context."""
+        return await self.start(conversation)
+
+    def start(self, conversation: Conversation) -> Awaitable[Decision]:
+        """``decide``, with the message queued for the encoder before this returns (call it on the
+        event loop): the caller can prepare what it needs next while the encoder runs, then await."""
         started = time.perf_counter()
         if conversation.text is None:
-            return Decision(new_id(), "unjudged", None, 0.0, started)
-        verdict = await self.batcher.submit(Query(conversation.text, conversation.previous))
+            return self._unjudged(started)
+        return self._decided(self.batcher.enqueue(Query(conversation.text, conversation.previous)), started)
+
+    async def _unjudged(self, started: float) -> Decision:
+        return Decision(new_id(), "unjudged", None, 0.0, started)
+
+    async def _decided(self, pending: Awaitable[Verdict], started: float) -> Decision:
+        verdict = await pending
         elapsed = time.perf_counter() - started
         self.metrics.guard_seconds.observe(elapsed)
         if verdict.allowed:

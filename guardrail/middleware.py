@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from guardrail.asgi import ClientLeft, read_body, refuse, respond, route_path
 from guardrail.errors import ConfigError
-from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
+from guardrail.gate import BodyTooLarge, Decision, Gate, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
@@ -99,19 +100,6 @@ class GuardrailMiddleware:
         return lifespan_send
 
 
-def route_path(scope: Scope) -> str:
-    """The request path inside the app: without the prefix of a mount or a server's --root-path."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
-        return path[len(root.rstrip("/")) :] or "/"
-    return path
-
-
-class _ClientLeft(Exception):
-    """The client disconnected while its body was being read."""
-
-
 class _GuardedRequest:
     """Per-request state: the body, the decision, and the reply as it goes by."""
 
@@ -128,66 +116,27 @@ class _GuardedRequest:
         self.reader: ReplyReader | None = None
 
     async def run(self) -> None:
-        middleware = self.middleware
-        body = await self._read_body(middleware.max_body_bytes)
-        if body is None:
-            return
+        gate = self.gate
         try:
+            body = await read_body(self.scope, self.receive, self.middleware.max_body_bytes)
             conversation = self.protocol.parse(body)
+        except ClientLeft:
+            return
+        except BodyTooLarge as exc:
+            gate.metrics.rejected.labels("too_large").inc()
+            await respond(self.send, 413, error_body(str(exc), "invalid_request_error", 413))
+            return
         except BadRequest as exc:
-            self.gate.metrics.rejected.labels("malformed").inc()
-            await self._respond(400, error_body(str(exc), "invalid_request_error", 400))
+            gate.metrics.rejected.labels("malformed").inc()
+            await respond(self.send, 400, error_body(str(exc), "invalid_request_error", 400))
             return
         self.middleware.open_log()  # cheap when open; an app served without lifespan events still logs
-        decision = await self.gate.decide(conversation)
+        decision = await gate.decide(conversation)
         if decision.blocked:
-            await self._refuse(decision, conversation)
+            gate.record(decision, conversation, self.path, reply=gate.refusal)
+            await refuse(self.send, self.protocol, conversation, decision, gate.refusal)
             return
         await self._call_app(body, decision, conversation)
-
-    async def _read_body(self, limit: int) -> bytes | None:
-        """The whole body, or None when the client left or the body was refused as too large."""
-
-        async def chunks() -> AsyncIterator[bytes]:
-            while True:
-                message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    raise _ClientLeft
-                yield message.get("body", b"")
-                if not message.get("more_body", False):
-                    return
-
-        try:
-            check_declared_length(self.scope["headers"], limit)
-            return b"".join([chunk async for chunk in limited(chunks(), limit)])
-        except _ClientLeft:
-            return None
-        except BodyTooLarge as exc:
-            self.gate.metrics.rejected.labels("too_large").inc()
-            await self._respond(413, error_body(str(exc), "invalid_request_error", 413))
-            return None
-
-    async def _respond(
-        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-    ) -> None:
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await self.send({"type": "http.response.start", "status": status, "headers": raw + (headers or [])})
-        await self.send({"type": "http.response.body", "body": body})
-
-    async def _refuse(self, decision: Decision, conversation: Conversation) -> None:
-        protocol = self.protocol
-        refusal = self.gate.refusal
-        self.gate.record(decision, conversation, self.path, reply=refusal)
-        if not conversation.stream:
-            await self._respond(200, protocol.refusal(conversation, refusal, decision.id), decision.headers())
-            return
-        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-        await self.send(
-            {"type": "http.response.start", "status": 200, "headers": headers + decision.headers()}
-        )
-        for chunk in protocol.refusal_stream(conversation, refusal, decision.id):
-            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await self.send({"type": "http.response.body", "body": b""})
 
     async def _call_app(self, body: bytes, decision: Decision, conversation: Conversation) -> None:
         replayed = False

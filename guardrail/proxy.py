@@ -16,76 +16,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from guardrail.asgi import ClientLeft, ClientWatch, read_body, refuse, respond, route_path
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics
 from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
 from guardrail.protocols.openai import OpenAIChat, error_body
-from guardrail.relay import RelayOutcome, UpstreamRelay, wait_for_disconnect, without_hop_by_hop
+from guardrail.relay import RelayOutcome, UpstreamRelay, relay, without_hop_by_hop
 from guardrail.settings import Settings
-from guardrail.transport import AiohttpTransport
+from guardrail.upstream import Upstream, UpstreamError
 
 logger = logging.getLogger("guardrail.proxy")
 
-GUARDED_PATHS = ("/v1/chat/completions", "/chat/completions")
+GUARDED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-
-
-class Upstream:
-    """The one shared way to the upstream: an httpx transport (aiohttp's connection pool) with timeouts
-    and connection limits on by default.
-
-    Requests go straight to the transport rather than through an ``httpx.AsyncClient``: a client keeps
-    the cookies an upstream sets and sends them with later requests, which in a proxy means one user's
-    session cookie going out with another user's request; and its cookie, auth and redirect machinery
-    was a quarter of the proxy's event-loop time. Nothing is added to what the client sent.
-    """
-
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.timeout = httpx.Timeout(
-            connect=settings.connect_timeout,
-            read=settings.read_timeout,
-            write=settings.read_timeout,
-            pool=settings.connect_timeout,
-        ).as_dict()
-        limits = httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-        )
-        self.transport = transport if transport is not None else AiohttpTransport(limits=limits)
-
-    def request(
-        self, method: str, url: str, headers: list[tuple[bytes, bytes]], content: Any
-    ) -> httpx.Request:
-        """An upstream request carrying the timeouts."""
-        return httpx.Request(
-            method, url, headers=headers, content=content, extensions={"timeout": self.timeout}
-        )
-
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send; the response's body is streamed."""
-        return await self.transport.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        """Close the connections."""
-        await self.transport.aclose()
 
 
 def create_app(
     settings: Settings,
     guard: Guard,
-    transport: httpx.AsyncBaseTransport | None = None,
+    upstream: Upstream | None = None,
     log: InteractionLog | None = None,
     metrics: Metrics | None = None,
     protocol: ChatProtocol | None = None,
@@ -95,11 +55,18 @@ def create_app(
         from guardrail.errors import ConfigError
 
         raise ConfigError("the proxy needs an upstream URL (--upstream or GUARDRAIL_UPSTREAM)")
-    owns_transport, owns_log = transport is None, log is None
+    owns_upstream, owns_log = upstream is None, log is None
+    if upstream is None:
+        upstream = Upstream(
+            settings.upstream,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            max_connections=settings.max_connections,
+        )
     if log is None:
         log = open_log(settings)
     gate = Gate.from_settings(guard, settings, log, metrics)
-    proxy = Proxy(settings, gate, Upstream(settings, transport), protocol or OpenAIChat())
+    proxy = Proxy(settings, gate, upstream, protocol or OpenAIChat())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -109,7 +76,7 @@ def create_app(
             yield
         finally:
             # What was passed in belongs to the caller; what was made here is closed here.
-            if owns_transport:
+            if owns_upstream:
                 await proxy.upstream.aclose()
             gate.batcher.close()
             if log is not None and owns_log:
@@ -119,42 +86,41 @@ def create_app(
     routes = [
         Route("/metrics", proxy.metrics, methods=["GET"]),
         Route("/healthz", proxy.healthz, methods=["GET"]),
-        *(Route(path, proxy.chat, methods=["POST"]) for path in GUARDED_PATHS),
         Route("/{path:path}", proxy.passthrough, methods=METHODS),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = _ProxyApp(routes=routes, lifespan=lifespan)
     app.state.gate = gate
     app.state.proxy = proxy
+    app.chat = proxy.chat
     return app
+
+
+class _ProxyApp(Starlette):
+    """Starlette for the proxy's own endpoints and the passthrough; guarded chat completions go
+    straight to ``Proxy.chat``, a plain ASGI handler: the path every judged request takes, kept free
+    of routing, request objects and exception middleware it does not use."""
+
+    chat: Callable[[Scope, Receive, Send], Awaitable[None]]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) in GUARDED_PATHS:
+            await self.chat(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 class Proxy:
     """The proxy's endpoints, sharing one upstream and one gate."""
 
     def __init__(self, settings: Settings, gate: Gate, upstream: Upstream, protocol: ChatProtocol):
-        assert settings.upstream is not None
         self.settings = settings
         self.gate = gate
         self.upstream = upstream
         self.protocol = protocol
-        url = httpx.URL(settings.upstream)
-        self.origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
-        self.prefix = url.raw_path.decode("ascii").split("?")[0].rstrip("/")
 
     def target(self, raw_path: bytes, query: bytes) -> str:
         """The upstream URL for a request path: the upstream's path, then the request's, overlap once."""
-        path = raw_path.decode("latin-1")
-        prefix = self.prefix.split("/")
-        segments = path.split("/")
-        # The longest tail of the upstream's path that the request path starts with ("/api/v1" and
-        # "/v1/models" overlap in "v1") is written once.
-        for size in range(len(prefix) - 1, 0, -1):
-            if prefix[-size:] == segments[1 : size + 1]:
-                path = "/".join(prefix[:-size] + segments[1:])
-                break
-        else:
-            path = self.prefix + path
-        return f"{self.origin}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+        return self.upstream.target(raw_path, query)
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
@@ -167,93 +133,101 @@ class Proxy:
         """The process is alive and serving."""
         return JSONResponse({"status": "ok", "scenario": self.gate.scenario})
 
-    async def chat(self, request: Request) -> Response:
-        """A guarded chat completion: judged, then refused here or relayed upstream."""
-        limit = self.settings.max_body_bytes
+    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A guarded chat completion (ASGI): judged, then refused here or relayed upstream."""
+        gate = self.gate
         try:
-            check_declared_length(request.headers.raw, limit)
-            body = b"".join([chunk async for chunk in limited(request.stream(), limit)])
+            body = await read_body(scope, receive, self.settings.max_body_bytes)
             conversation = self.protocol.parse(body)
+        except ClientLeft:
+            return  # nobody to answer
         except BodyTooLarge as exc:
-            return self._too_large(exc)
+            gate.metrics.rejected.labels("too_large").inc()
+            await respond(send, 413, error_body(str(exc), "invalid_request_error", 413))
+            return
         except BadRequest as exc:
-            self.gate.metrics.rejected.labels("malformed").inc()
-            return _error(400, str(exc), "invalid_request_error")
-        except ClientDisconnect:
-            return Response(status_code=499)
+            gate.metrics.rejected.labels("malformed").inc()
+            await respond(send, 400, error_body(str(exc), "invalid_request_error", 400))
+            return
         try:
-            decision = await self.gate.decide(conversation)
+            deciding = gate.start(conversation)
+            # While the encoder runs, the upstream request is made ready, to go the moment it passes.
+            url = self.upstream.target(scope["raw_path"], scope["query_string"])
+            headers = _request_headers(scope["headers"], guarded=True)
+            decision = await deciding
         except Exception as exc:
             # A broken guard fails closed with a clear error, never a traceback, and is logged in full.
             logger.exception("the guard failed on a request")
-            return _error(500, f"guardrail could not judge the request: {type(exc).__name__}", "server_error")
-        path = request.url.path
+            message = f"guardrail could not judge the request: {type(exc).__name__}"
+            await respond(send, 500, error_body(message, "server_error", 500))
+            return
+        path = route_path(scope)
         if decision.blocked:
-            self.gate.record(decision, conversation, path, reply=self.gate.refusal)
-            return self._refusal(decision, conversation)
-        return await self._forward(request, body, decision, conversation)
-
-    def _refusal(self, decision: Decision, conversation: Conversation) -> Response:
-        headers = dict((k.decode(), v.decode()) for k, v in decision.headers())
-        refusal = self.gate.refusal
-        if conversation.stream:
-            chunks = self.protocol.refusal_stream(conversation, refusal, decision.id)
-            response: Response = StreamingResponse(
-                _iterate(chunks), media_type="text/event-stream", headers=headers
-            )
-            response.headers["cache-control"] = "no-cache"
-            return response
-        body = self.protocol.refusal(conversation, refusal, decision.id)
-        return Response(body, media_type="application/json", headers=headers)
+            gate.record(decision, conversation, path, reply=gate.refusal)
+            await refuse(send, self.protocol, conversation, decision, gate.refusal)
+            return
+        await self._forward(url, headers, body, decision, conversation, path, receive, send)
 
     async def _forward(
-        self, request: Request, body: bytes, decision: Decision, conversation: Conversation
-    ) -> Response:
-        headers = _request_headers(request.headers.raw, guarded=True)
-        upstream_request = self.upstream.request(
-            request.method,
-            self.target(request.scope["raw_path"], request.scope["query_string"]),
-            headers,
-            body,
-        )
+        self,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        decision: Decision,
+        conversation: Conversation,
+        path: str,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        # A non-streamed completion sends nothing until it is done: without the watch, the upstream
+        # would go on generating for a client that gave up; with it, the request is closed at once.
+        watch = ClientWatch(receive)
         sent = time.perf_counter()
-        path = request.url.path
+        upstream = None
+        outcome: RelayOutcome | None = None
+        reader = None
+        first_byte: float | None = None
+        error: str | None = None
         try:
-            upstream = await _send_unless_client_leaves(self.upstream, upstream_request, request.receive)
-        except ClientDisconnect:
-            # A non-streamed completion sends no headers until it is done: without this, the
-            # upstream would go on generating for a client that gave up.
-            self.gate.record(decision, conversation, path, error="the client disconnected")
-            return Response(status_code=499)
-        except httpx.HTTPError as exc:
-            response = self._upstream_failed(exc, decision.headers())
-            self.gate.record(
-                decision, conversation, path, status=response.status_code, error=str(exc) or None
-            )
-            return response
-        first_byte = time.perf_counter() - sent
-        self.gate.metrics.upstream_seconds.observe(first_byte)
-        # Read the reply by what came back: an upstream error to a streamed request is plain JSON.
-        reader = self.protocol.reader(
-            upstream.headers.get("content-type", "").startswith("text/event-stream")
-        )
-
-        def finished(outcome: RelayOutcome) -> None:
+            upstream = await self.upstream.send("POST", url, headers, body)
+            first_byte = time.perf_counter() - sent
+            self.gate.metrics.upstream_seconds.observe(first_byte)
+            # Read the reply by what came back: an upstream error to a streamed request is plain JSON.
+            reader = self.protocol.reader(upstream.content_type.startswith("text/event-stream"))
+            outcome = RelayOutcome(upstream.status)
+            await relay(upstream, send, outcome, reader, decision.headers())
             if outcome.error:
                 self.gate.metrics.upstream_errors.labels("broken").inc()
-            error = outcome.error or ("the client disconnected" if outcome.disconnected else None)
+                error = outcome.error
+        except UpstreamError as exc:
+            response = self._upstream_failed(exc)
+            outcome = RelayOutcome(exc.status)
+            error = exc.detail
+            await respond(send, exc.status, response, decision.headers())
+        except asyncio.CancelledError:
+            if not watch.left:
+                raise
+            watch.settle()
+            error = "the client disconnected"
+        except OSError:
+            # The client's socket failed while sending (ASGI 2.4 servers raise it): same as leaving.
+            error = "the client disconnected"
+        finally:
+            watch.stop()
+            if upstream is not None:
+                upstream.close()
+            if reader is not None:
+                reader.close()
             self.gate.record(
                 decision,
                 conversation,
                 path,
-                status=outcome.status,
-                usage=reader.usage,
-                reply=reader.text,
+                status=outcome.status if outcome is not None else None,
+                usage=reader.usage if reader is not None else None,
+                reply=reader.text if reader is not None else None,
                 upstream_seconds=first_byte,
                 error=error,
             )
-
-        return UpstreamRelay(upstream, decision.headers(), reader, finished)
 
     async def passthrough(self, request: Request) -> Response:
         """Any other request, sent upstream as it came and relayed back as it comes."""
@@ -267,41 +241,34 @@ class Proxy:
         except BodyTooLarge as exc:
             return self._too_large(exc)
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-        upstream_request = self.upstream.request(
-            request.method,
-            self.target(request.scope["raw_path"], request.scope["query_string"]),
-            _request_headers(request.headers.raw, guarded=False),
-            limited(request.stream(), limit) if has_body else None,
-        )
         try:
-            upstream = await self.upstream.send(upstream_request)
+            upstream = await self.upstream.send(
+                request.method,
+                self.upstream.target(request.scope["raw_path"], request.scope["query_string"]),
+                _request_headers(request.headers.raw, guarded=False),
+                limited(request.stream(), limit) if has_body else None,
+            )
         except ClientDisconnect:
             return Response(status_code=499)
         except BodyTooLarge as exc:
             return self._too_large(exc)
-        except httpx.HTTPError as exc:
-            return self._upstream_failed(exc, [])
+        except UpstreamError as exc:
+            return Response(self._upstream_failed(exc), exc.status, media_type="application/json")
         return UpstreamRelay(upstream)
 
     def _too_large(self, exc: BodyTooLarge) -> Response:
         self.gate.metrics.rejected.labels("too_large").inc()
         return _error(413, str(exc), "invalid_request_error")
 
-    def _upstream_failed(self, exc: httpx.HTTPError, headers: list[tuple[bytes, bytes]]) -> Response:
-        timed_out = isinstance(exc, httpx.TimeoutException)
-        kind = "timeout" if timed_out else "unreachable"
-        self.gate.metrics.upstream_errors.labels(kind).inc()
-        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        logger.warning("upstream %s: %s", kind, detail)
-        if timed_out:
-            status, message = 504, f"the upstream did not answer in time ({detail})"
+    def _upstream_failed(self, exc: UpstreamError) -> bytes:
+        """Count and log an upstream that failed before answering; the OpenAI-style error body."""
+        self.gate.metrics.upstream_errors.labels(exc.kind).inc()
+        logger.warning("upstream %s: %s", exc.kind, exc.detail)
+        if exc.kind == "timeout":
+            message = f"the upstream did not answer in time ({exc.detail})"
         else:
-            status, message = 502, f"the upstream cannot be reached ({detail})"
-        response = Response(
-            error_body(message, "upstream_error", status), status, media_type="application/json"
-        )
-        response.raw_headers.extend(headers)
-        return response
+            message = f"the upstream cannot be reached ({exc.detail})"
+        return error_body(message, "upstream_error", exc.status)
 
 
 def _normal(path: str) -> bool:
@@ -309,30 +276,11 @@ def _normal(path: str) -> bool:
     return not any(segment in ("", ".", "..") for segment in segments) and not path.endswith(("/.", "/.."))
 
 
-async def _send_unless_client_leaves(
-    upstream: Upstream, request: httpx.Request, receive: Any
-) -> httpx.Response:
-    """Send upstream, cancelling the request if the client disconnects before the response starts."""
-    sending = asyncio.ensure_future(upstream.send(request))
-    watching = asyncio.ensure_future(wait_for_disconnect(receive))
-    try:
-        await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watching.cancel()
-    if sending.done():
-        return sending.result()
-    sending.cancel()
-    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-        response = await sending
-        await response.aclose()
-    raise ClientDisconnect
-
-
 def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[tuple[bytes, bytes]]:
     """The client's headers minus hop-by-hop ones; Authorization and the rest go on as they came."""
     drop = {"host"}
     if guarded:
-        # The body is re-sent from memory (httpx sets its length), and the reply is read for the log,
+        # The body is re-sent from memory (aiohttp sets its length), and the reply is read for the log,
         # so it is asked for uncompressed.
         drop |= {"content-length", "accept-encoding"}
     kept = [(k, v) for k, v in without_hop_by_hop(raw) if k.decode("latin-1").lower() not in drop]
@@ -343,8 +291,3 @@ def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[
 
 def _error(status: int, message: str, type: str) -> Response:
     return Response(error_body(message, type, status), status, media_type="application/json")
-
-
-async def _iterate(chunks: Any) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk

@@ -11,17 +11,17 @@ silently truncated one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import httpx
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from guardrail.asgi import ClientWatch
 from guardrail.protocols.base import ReplyReader
 from guardrail.protocols.openai import error_body
+from guardrail.upstream import UpstreamError, UpstreamResponse
 
 logger = logging.getLogger("guardrail.proxy")
 
@@ -53,9 +53,9 @@ def without_hop_by_hop(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, 
     return [(k, v) for k, v in raw if k.decode("latin-1").lower() not in hop]
 
 
-def response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+def response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers minus hop-by-hop ones, raw bytes, in order."""
-    return [(k.lower(), v) for k, v in without_hop_by_hop(upstream.headers.raw)]
+    return [(k.lower(), v) for k, v in without_hop_by_hop(upstream.headers)]
 
 
 @dataclass
@@ -68,74 +68,70 @@ class RelayOutcome:
     error: str | None = None  # the upstream broke mid-response
 
 
-class UpstreamRelay(Response):
-    """An ASGI response that streams an open ``httpx.Response`` to the client."""
+async def relay(
+    upstream: UpstreamResponse,
+    send: Send,
+    outcome: RelayOutcome,
+    reader: ReplyReader | None = None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Send the upstream's response on as it arrives, recording how it ended in ``outcome``.
 
-    def __init__(
-        self,
-        upstream: httpx.Response,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-        reader: ReplyReader | None = None,
-        on_close: Callable[[RelayOutcome], None] | None = None,
-    ) -> None:
+    An event stream is passed on in whole events: a partial event is held until its blank line
+    arrives (never delaying a complete one), so a break never leaves half an event in front of the
+    error event. The caller closes ``upstream``.
+    """
+    headers = response_headers(upstream)
+    if extra_headers:
+        headers += extra_headers
+    sse = upstream.content_type.startswith("text/event-stream")
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    held = b""
+    try:
+        async for chunk in upstream.chunks():
+            if reader is not None:
+                reader.feed(chunk)
+            if sse:
+                chunk, held = _complete_events(held + chunk)
+                if not chunk:
+                    continue
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except UpstreamError as exc:
+        outcome.error = f"the upstream broke off mid-response: {exc.detail}"
+        logger.warning("%s", outcome.error)
+        if not sse:
+            # Returning without the final body message makes the server close the connection,
+            # so the client sees the response is incomplete.
+            return
+        body = error_body(outcome.error, "upstream_error", 502)
+        await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
+        held = b""
+    await send({"type": "http.response.body", "body": held, "more_body": False})
+    outcome.complete = outcome.error is None
+
+
+class UpstreamRelay(Response):
+    """An ASGI response that streams an open upstream response to the client, and closes the
+    upstream request if the client goes away first."""
+
+    def __init__(self, upstream: UpstreamResponse) -> None:
         self.upstream = upstream
-        self.status_code = upstream.status_code
-        self.reader = reader
-        self.on_close = on_close
-        self.raw_headers = response_headers(upstream) + (extra_headers or [])
-        self.sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        self.status_code = upstream.status
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        outcome = RelayOutcome(self.upstream.status_code)
-        relay = asyncio.ensure_future(self._relay(send, outcome))
-        watch = asyncio.ensure_future(wait_for_disconnect(receive))
+        watch = ClientWatch(receive)
         try:
-            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if relay not in done:
-                outcome.disconnected = True
-                relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
+            await relay(self.upstream, send, RelayOutcome(self.upstream.status))
+        except asyncio.CancelledError:
+            if not watch.left:
+                raise
+            watch.settle()
         except OSError:
-            # The client's socket failed while sending (ASGI 2.4 servers raise it): same as leaving.
-            outcome.disconnected = True
+            pass  # the client's socket failed while sending (ASGI 2.4 servers raise it): it left
         finally:
-            watch.cancel()
-            relay.cancel()
-            await self.upstream.aclose()
-            if self.reader is not None:
-                self.reader.close()
-            if self.on_close is not None:
-                self.on_close(outcome)
-
-    async def _relay(self, send: Send, outcome: RelayOutcome) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        # An event stream is passed on in whole events: a partial event is held until its blank line
-        # arrives (never delaying a complete one), so a break never leaves half an event in front of
-        # the error event.
-        held = b""
-        try:
-            async for chunk in self.upstream.aiter_raw():
-                if self.reader is not None:
-                    self.reader.feed(chunk)
-                if self.sse:
-                    chunk, held = _complete_events(held + chunk)
-                    if not chunk:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            outcome.error = f"the upstream broke off mid-response: {_describe(exc)}"
-            logger.warning("%s", outcome.error)
-            if not self.sse:
-                # Returning without the final body message makes the server close the connection,
-                # so the client sees the response is incomplete.
-                return
-            body = error_body(outcome.error, "upstream_error", 502)
-            await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
-            held = b""
-        await send({"type": "http.response.body", "body": held, "more_body": False})
-        outcome.complete = outcome.error is None
+            watch.stop()
+            self.upstream.close()
 
 
 def _complete_events(data: bytes) -> tuple[bytes, bytes]:
@@ -146,14 +142,3 @@ def _complete_events(data: bytes) -> tuple[bytes, bytes]:
         if found >= 0:
             end = max(end, found + len(separator))
     return data[:end], data[end:]
-
-
-async def wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _describe(exc: httpx.HTTPError) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

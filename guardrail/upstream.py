@@ -1,0 +1,189 @@
+"""The way to the upstream: one shared aiohttp connection pool, with timeouts and limits on by default.
+
+Requests are sent as the client made them: no cookie jar (a shared one would send one user's session
+cookie with another user's request), no redirects followed, no default Accept, Accept-Encoding or
+User-Agent added, and bodies neither compressed nor decompressed. aiohttp's C-accelerated HTTP/1.1
+client is used directly: the proxy's hot path measured httpx's own transport at 1.0 to 2.5 ms of
+event-loop CPU per request, and httpx's request and response objects around aiohttp at a fifth of the
+loop's time (benchmarks/proxy_speed.py). Its errors become one ``UpstreamError`` here, at the boundary,
+which the proxy answers with 502 or 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Literal
+
+import aiohttp
+import yarl
+
+from guardrail.errors import ConfigError
+
+Failure = Literal["unreachable", "timeout", "broken"]
+
+
+class UpstreamError(Exception):
+    """The upstream cannot be reached, did not answer in time, or broke off mid-response."""
+
+    def __init__(self, kind: Failure, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def status(self) -> int:
+        """What the client is answered with when no response has started: 504 or 502."""
+        return 504 if self.kind == "timeout" else 502
+
+
+@contextlib.contextmanager
+def _translated(connecting: bool) -> Iterator[None]:
+    """aiohttp's exceptions as ``UpstreamError``s, named as httpx names them (ConnectError,
+    ReadTimeout, ...): library-neutral, and what people search their logs for."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise UpstreamError("timeout", _describe("ConnectTimeout", exc)) from exc
+    except aiohttp.SocketTimeoutError as exc:
+        raise UpstreamError("timeout", _describe("ReadTimeout", exc)) from exc
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        name = "PoolTimeout" if connecting else "ReadTimeout"
+        raise UpstreamError("timeout", _describe(name, exc)) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError("unreachable", _describe("ConnectError", exc)) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
+        kind: Failure = "unreachable" if connecting else "broken"
+        raise UpstreamError(kind, _describe("RemoteProtocolError", exc)) from exc
+    except aiohttp.ClientError as exc:
+        cause = exc.__cause__
+        if cause is not None and not isinstance(cause, (OSError, aiohttp.ClientError, asyncio.TimeoutError)):
+            # The upload's own iterator failed (the proxy's body limit): that error, as it was raised.
+            raise cause from None
+        if connecting:
+            raise UpstreamError("unreachable", _describe("ConnectError", exc)) from exc
+        raise UpstreamError("broken", _describe("ReadError", exc)) from exc
+
+
+def _describe(name: str, exc: BaseException) -> str:
+    return f"{name}: {exc}" if str(exc) else name
+
+
+class UpstreamResponse:
+    """An upstream response whose body has not been read yet."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: list[tuple[bytes, bytes]] = list(response.raw_headers)
+        self.content_type = response.headers.get("content-type", "")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body, each chunk as soon as it arrives (so event streams are not held up)."""
+        with _translated(connecting=False):
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    def close(self) -> None:
+        """A body read to the end gives its connection back to the pool; one abandoned midway (a
+        client that left) closes it, which is what tells the upstream to stop generating."""
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class Upstream:
+    """Sends requests to one upstream URL's origin over a shared pool, created on first use."""
+
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 120.0,
+        max_connections: int = 100,
+        trust_env: bool = True,
+    ) -> None:
+        parsed = yarl.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigError(f"the upstream URL must be http:// or https:// with a host, not {url!r}")
+        self.origin = str(parsed.origin())
+        self.prefix = parsed.raw_path.rstrip("/")
+        self.max_connections = max_connections
+        self.trust_env = trust_env
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str], str | None] = {}
+
+    def target(self, raw_path: bytes, query: bytes) -> str:
+        """The upstream URL for a request path: the upstream's path, then the request's, overlap once."""
+        path = raw_path.decode("latin-1")
+        prefix = self.prefix.split("/")
+        segments = path.split("/")
+        # The longest tail of the upstream's path that the request path starts with ("/api/v1" and
+        # "/v1/models" overlap in "v1") is written once.
+        for size in range(len(prefix) - 1, 0, -1):
+            if prefix[-size:] == segments[1 : size + 1]:
+                path = "/".join(prefix[:-size] + segments[1:])
+                break
+        else:
+            path = self.prefix + path
+        return f"{self.origin}{path}" + (f"?{query.decode('latin-1')}" if query else "")
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=5.0),
+                # aiohttp's own trust_env looks proxies and .netrc up in a thread for every request
+                # (a hand-off that cost the proxy 0.5 ms each): _proxy() reads the environment once.
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+                auto_decompress=False,
+                timeout=self.timeout,
+            )
+        return self._session
+
+    def _proxy(self, url: yarl.URL) -> str | None:
+        """The HTTP(S)_PROXY for this scheme and host, unless NO_PROXY exempts it; read once per origin."""
+        key = (url.scheme, url.host or "")
+        if key not in self._proxies:
+            proxy = None
+            if self.trust_env and not urllib.request.proxy_bypass(key[1]):
+                proxy = urllib.request.getproxies_environment().get(url.scheme)
+            self._proxies[key] = proxy
+        return self._proxies[key]
+
+    async def send(
+        self, method: str, url: str, headers: Sequence[tuple[bytes, bytes]], body: Any = None
+    ) -> UpstreamResponse:
+        """Send a request (``body``: bytes, an async iterator of bytes, or None); the response's body
+        is left to be streamed."""
+        # As sent: yarl would otherwise re-quote the path and query ("%2F" becomes "/").
+        target = yarl.URL(url, encoded=True)
+        # Transfer-Encoding is aiohttp's to set, from the body it is given.
+        fields = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in headers
+            if k.lower() != b"transfer-encoding"
+        ]
+        with _translated(connecting=True):
+            response = await self._open().request(
+                method,
+                target,
+                headers=fields,
+                data=body,
+                allow_redirects=False,
+                compress=False,
+                proxy=self._proxy(target),
+            )
+        return UpstreamResponse(response)
+
+    async def aclose(self) -> None:
+        """Close the pool's connections."""
+        if self._session is not None:
+            await self._session.close()
