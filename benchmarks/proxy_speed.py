@@ -412,19 +412,18 @@ def stop(process: subprocess.Popen) -> None:
 # Profiling -----------------------------------------------------------------------------------------
 
 # Where the event-loop thread's samples go: each sample counts for the first of these found walking its
-# stack from the innermost frame out, so a send inside httpx counts for httpx, not for the relay.
+# stack from the innermost frame out, so a send inside aiohttp counts for aiohttp, not for the relay.
 SUBSYSTEMS = (
     ("logging/", "logging (uvicorn's access log)"),
     ("prometheus_client/", "Prometheus metrics"),
     ("guardrail/interactions.py", "interaction log (serialise, queue)"),
-    ("httpx/", "upstream client: httpx, httpcore, h11, anyio"),
-    ("httpcore/", "upstream client: httpx, httpcore, h11, anyio"),
-    ("h11/", "upstream client: httpx, httpcore, h11, anyio"),
-    ("anyio/", "upstream client: httpx, httpcore, h11, anyio"),
+    ("aiohttp/", "upstream client: aiohttp, yarl"),
+    ("yarl/", "upstream client: aiohttp, yarl"),
+    ("guardrail/upstream.py", "upstream client: aiohttp, yarl"),
     ("guardrail/protocols/", "request parsing, reply reading (guardrail/protocols)"),
     ("guardrail/batching.py", "micro-batcher hand-off"),
     ("concurrent/futures/", "micro-batcher hand-off"),
-    ("guardrail/", "other guardrail code (proxy, relay, gate)"),
+    ("guardrail/", "other guardrail code (proxy, relay, gate, asgi)"),
     ("starlette/", "Starlette (middleware, routing, Request)"),
     ("uvicorn/", "uvicorn (HTTP parsing, writes)"),
 )
