@@ -620,9 +620,9 @@ def meaning(n: dict) -> str:
     throughput_ok = n["ratio"] >= THROUGHPUT_TARGET
     out.append(
         f"**Throughput: {verdict(throughput_ok)}.** With 32 clients the proxy serves {n['rate']:.1f} requests/s, "
-        f"{n['ratio']:.2f}x the bare encoder's best ({n['best_rate']:.0f} messages/s, {n['best']}); the target is "
-        f"{THROUGHPUT_TARGET}x"
-        + ("." if throughput_ok else f", missed by {THROUGHPUT_TARGET - n['ratio']:.2f}x.")
+        f"{n['ratio']:.3f}x the bare encoder's best ({n['best_rate']:.1f} messages/s, {n['best']}); the target is "
+        f"{THROUGHPUT_TARGET}x ({THROUGHPUT_TARGET * n['best_rate']:.1f} requests/s)"
+        + ("." if throughput_ok else f", missed by {THROUGHPUT_TARGET - n['ratio']:.3f}x.")
     )
     total = n["proxy_ms"] + n["side_ms"]
     cores = os.cpu_count() or 1
