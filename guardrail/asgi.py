@@ -4,12 +4,16 @@ answering it here, and noticing a client that leaves."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from guardrail.gate import BodyTooLarge, Decision, check_declared_length
 from guardrail.protocols.base import ChatProtocol, Conversation
+from guardrail.protocols.openai import error_body
+
+logger = logging.getLogger("guardrail")
 
 
 class ClientLeft(Exception):
@@ -54,6 +58,13 @@ async def respond(
     raw = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": raw + (headers or [])})
     await send({"type": "http.response.body", "body": body})
+
+
+async def guard_failed(send: Send, exc: Exception) -> None:
+    """A broken guard fails closed: logged in full here, a clear 500 to the client, never a traceback."""
+    logger.error("the guard failed on a request", exc_info=exc)
+    message = f"guardrail could not judge the request: {type(exc).__name__}"
+    await respond(send, 500, error_body(message, "server_error", 500))
 
 
 async def refuse(

@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardrail.asgi import ClientLeft, read_body, refuse, respond, route_path
+from guardrail.asgi import ClientLeft, guard_failed, read_body, refuse, respond, route_path
 from guardrail.errors import ConfigError
 from guardrail.gate import BodyTooLarge, Decision, Gate, open_log
 from guardrail.guard import Guard
@@ -131,7 +131,11 @@ class _GuardedRequest:
             await respond(self.send, 400, error_body(str(exc), "invalid_request_error", 400))
             return
         self.middleware.open_log()  # cheap when open; an app served without lifespan events still logs
-        decision = await gate.decide(conversation)
+        try:
+            decision = await gate.decide(conversation)
+        except Exception as exc:
+            await guard_failed(self.send, exc)
+            return
         if decision.blocked:
             gate.record(decision, conversation, self.path, reply=gate.refusal)
             await refuse(self.send, self.protocol, conversation, decision, gate.refusal)

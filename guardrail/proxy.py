@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from guardrail.asgi import ClientLeft, ClientWatch, read_body, refuse, respond, route_path
+from guardrail.asgi import ClientLeft, ClientWatch, guard_failed, read_body, refuse, respond, route_path
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
@@ -156,10 +156,7 @@ class Proxy:
             headers = _request_headers(scope["headers"], guarded=True)
             decision = await deciding
         except Exception as exc:
-            # A broken guard fails closed with a clear error, never a traceback, and is logged in full.
-            logger.exception("the guard failed on a request")
-            message = f"guardrail could not judge the request: {type(exc).__name__}"
-            await respond(send, 500, error_body(message, "server_error", 500))
+            await guard_failed(send, exc)
             return
         path = route_path(scope)
         if decision.blocked:

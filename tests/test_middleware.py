@@ -566,3 +566,29 @@ def test_a_scenario_path_loads_the_guard(cache_env: Path, real_estate_path: Path
         blocked = httpx.post(f"{url}/v1/chat/completions", json={"messages": user(OFF_TOPIC[7])})
     assert blocked.headers["x-guardrail-verdict"] == "blocked"
     assert bot.calls == 0
+
+
+class _BrokenGuard:
+    """A guard whose encoder fails: a corrupt model or a bug, as the middleware sees it."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.document = guard.document
+
+    def judge_many(self, queries: object) -> list[object]:
+        raise RuntimeError("the encoder broke")
+
+
+def test_a_failing_guard_answers_a_clean_500_and_never_calls_the_app(bot: Bot, guard: Guard) -> None:
+    app = chatbot(bot)
+    app.add_middleware(
+        GuardrailMiddleware, guard=_BrokenGuard(guard), paths=PATHS, settings=Settings(log_path=None)
+    )
+    with serve(app) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions", json={"model": "bot", "messages": user(ON_TOPIC[0])}
+        )
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error"
+    assert "could not judge" in error["message"] and "Traceback" not in response.text
+    assert bot.calls == 0
