@@ -118,10 +118,6 @@ class Proxy:
         self.upstream = upstream
         self.protocol = protocol
 
-    def target(self, raw_path: bytes, query: bytes) -> str:
-        """The upstream URL for a request path: the upstream's path, then the request's, overlap once."""
-        return self.upstream.target(raw_path, query)
-
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
         log = self.gate.log

@@ -91,7 +91,7 @@ def test_serve_builds_the_app_from_flags(
     assert gate.guard.threshold == 0.2
     proxy = config.app.state.proxy
     assert proxy.settings.upstream == "http://127.0.0.1:9"
-    assert proxy.target(b"/v1/models", b"") == "http://127.0.0.1:9/v1/models"
+    assert proxy.upstream.target(b"/v1/models", b"") == "http://127.0.0.1:9/v1/models"
     err = capsys.readouterr().err
     assert "guarding http://127.0.0.1:9 with" in err
     assert "mode shadow" in err

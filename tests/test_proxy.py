@@ -624,7 +624,7 @@ def test_target_joins_the_upstream_and_the_path(
 ) -> None:
     app = create_app(Settings(upstream=upstream, log_path=None), guard)
 
-    assert app.state.proxy.target(path.encode(), query.encode()) == expected
+    assert app.state.proxy.upstream.target(path.encode(), query.encode()) == expected
 
 
 @pytest.mark.parametrize(
@@ -638,7 +638,7 @@ def test_target_with_an_upstream_ending_in_the_version(guard: Guard, upstream: s
     # The module docstring: "unless the upstream URL already ends with the path's first segments".
     app = create_app(Settings(upstream=upstream, log_path=None), guard)
 
-    assert app.state.proxy.target(b"/v1/chat/completions", b"") == expected
+    assert app.state.proxy.upstream.target(b"/v1/chat/completions", b"") == expected
 
 
 @pytest.mark.parametrize(("prefix", "arrived"), [("/api", "/api/v1"), ("/v1", "/v1"), ("", "/v1")])
