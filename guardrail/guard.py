@@ -11,16 +11,12 @@ is judged alone, so an off-topic question cannot ride on an on-topic opener.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
-
-import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from guardrail.encoder import Encoder
 from guardrail.errors import ConfigError
@@ -153,13 +149,8 @@ class Guard:
     def _decide(self, texts: list[str]) -> list[Verdict]:
         vectors = self.encoder.encode(texts)
         threshold = self.similarity.threshold
-        with one_blas_thread():
-            scores, nearest = self.similarity.score(vectors)
-            # Only a message that would be blocked can need the previous turn.
-            followups = np.zeros(len(texts), dtype=bool)
-            below = scores < threshold
-            if below.any():
-                followups[below] = self.similarity.followup(vectors[below])
+        # Only a message that would be blocked can need the previous turn (see judge_many).
+        scores, nearest, followups = self.similarity.evaluate(vectors)
         scenarios = self.document.scenarios
         return [
             Verdict(
@@ -168,31 +159,10 @@ class Guard:
                 threshold=threshold,
                 layer="similarity",
                 scenario=scenarios[index],
-                followup=bool(followup),
+                followup=bool(followup and score < threshold),
             )
             for score, index, followup in zip(scores, nearest, followups, strict=True)
         ]
-
-
-_blas_lock = threading.Lock()
-_blas_controller: ThreadpoolController | None = None
-
-
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Run numpy's matrix products on one BLAS thread, one caller at a time.
-
-    OpenBLAS starts a thread per core for a product of this size and lets them spin after it: with
-    the encoder busy on the same cores, scoring a batch of 16 took 55 ms of CPU instead of 0.55 ms.
-    The lock keeps concurrent callers from restoring each other's limits; the products take well
-    under a millisecond, so it costs nothing, and the app's own numpy work is left as it was.
-    """
-    global _blas_controller
-    with _blas_lock:
-        if _blas_controller is None:
-            _blas_controller = ThreadpoolController()
-        with _blas_controller.limit(limits=1, user_api="blas"):
-            yield
 
 
 def _normalise(text: str) -> str:

@@ -23,6 +23,13 @@ low on any document. The layer flags a message as a follow-up when its nearest n
 background and a shipped list of content-free follow-ups is a follow-up; the guard then judges it with
 the previous user turn (see ``Guard.judge``). A short off-topic question ("and the weather tomorrow?")
 is nearer to the background's weather questions than to any follow-up, so it is judged alone.
+
+On the request path all of this is one small onnxruntime graph (``_head``): the matrix products against
+the document, the background and the follow-ups, both pools, the nearest item and the follow-up test.
+Against the same steps in numpy it takes about 0.15 ms instead of 0.26 ms for one message right after
+the encoder (whose weights have pushed the 1.8 MB of vectors out of the cache), because onnxruntime
+packs the constant matrices once at load, and no Python runs between the steps. It matches numpy to
+float32 rounding (``softmax_pool`` stays as the reference, and for calibration).
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ from importlib import resources
 from typing import Literal
 
 import numpy as np
+import onnxruntime as ort
 from numpy.typing import NDArray
 
 from guardrail.encoder import Encoder, Vectors
 from guardrail.errors import ConfigError
+from guardrail.layers import onnx_graph as g
 from guardrail.scenario import ScenarioDocument
 
 TAU = 10.0
@@ -93,11 +102,10 @@ class SimilarityLayer:
         self.calibration = calibration
         self.threshold = calibration.threshold
         self.tau = tau
-        # One matrix product scores a message against both sets.
-        self._all = np.ascontiguousarray(np.vstack([item_vectors, background_vectors]).T)
-        self._n_items = len(item_vectors)
+        if len(item_vectors) == 0 or len(background_vectors) == 0:
+            raise ConfigError("the similarity layer needs document items and a background to score against")
         self.followup_vectors = followup_vectors
-        self._followups = None if followup_vectors is None else np.ascontiguousarray(followup_vectors.T)
+        self._head = _head(item_vectors, background_vectors, followup_vectors, tau)
 
     @classmethod
     def build(
@@ -153,22 +161,83 @@ class SimilarityLayer:
         followup_vectors = _cached_encode(encoder, followups) if followups else None
         return cls(document, item_vectors, background_vectors, nearest, calibration, tau, followup_vectors)
 
+    def evaluate(self, vectors: Vectors) -> tuple[NDArray[np.float32], NDArray[np.intp], NDArray[np.bool_]]:
+        """Scores (higher is more on topic), the index of each message's nearest scenario, and which
+        messages read as content-free follow-ups (nearer a follow-up than any background message)."""
+        if len(vectors) == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.intp), np.zeros(0, bool)
+        feeds = {"vectors": np.ascontiguousarray(vectors, dtype=np.float32)}
+        scores, nearest, followup = self._head.run(None, feeds)
+        return scores, self.nearest_scenario[nearest], followup
+
     def score(self, vectors: Vectors) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
         """Scores (higher is more on topic) and the index of each message's nearest scenario."""
-        similarities = vectors @ self._all
-        on_document = similarities[:, : self._n_items]
-        scores = softmax_pool(on_document, self.tau) - softmax_pool(
-            similarities[:, self._n_items :], self.tau
-        )
-        return scores, self.nearest_scenario[on_document.argmax(axis=1)]
+        scores, nearest, _ = self.evaluate(vectors)
+        return scores, nearest
 
     def followup(self, vectors: Vectors) -> NDArray[np.bool_]:
         """Which messages read as content-free follow-ups: nearer a follow-up than any background message."""
-        if self._followups is None:
-            return np.zeros(len(vectors), dtype=bool)
-        nearest_followup = (vectors @ self._followups).max(axis=1)
-        nearest_background = (vectors @ self._all[:, self._n_items :]).max(axis=1)
-        return np.asarray(nearest_followup > nearest_background, dtype=bool)
+        return self.evaluate(vectors)[2]
+
+
+def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: float) -> ort.InferenceSession:
+    """The scoring graph: vectors (N, dim) in; score (N,), nearest item (N,) and follow-up (N,) out.
+
+    score = (logsumexp(tau * c_items) - log n_items - logsumexp(tau * c_background) + log n_background) / tau,
+    which is ``softmax_pool(c_items) - softmax_pool(c_background)``.
+    """
+    dim, n_items, n_background = items.shape[1], len(items), len(background)
+    n_all = n_items + n_background
+    matrix = np.ascontiguousarray(np.vstack([items, background]).T, dtype=np.float32)
+    # With no follow-ups, a zero vector stands in, and "never" caps its scaled similarity below any
+    # cosine's (-2 tau), so it never wins; with follow-ups the cap is +inf, no cap at all.
+    none = followups is None or not len(followups)
+    follow = np.zeros((dim, 1), np.float32) if followups is None or none else followups.T
+    offset = (np.log(n_background) - np.log(n_items)) / tau
+    constants: dict[str, NDArray[np.float32] | NDArray[np.int64]] = {
+        "matrix": matrix,
+        "followups": np.ascontiguousarray(follow, dtype=np.float32),
+        "tau": np.array(tau, np.float32),
+        "offset": np.array(offset, np.float32),
+        "never": np.array(-2.0 * tau if none else np.inf, np.float32),
+        "zero": np.array([0], np.int64),
+        "split": np.array([n_items], np.int64),
+        "end": np.array([n_all], np.int64),
+        "axis": np.array([1], np.int64),
+    }
+    nodes = [
+        g.node("MatMul", ["vectors", "matrix"], ["similarities"]),
+        g.node("Mul", ["similarities", "tau"], ["scaled"]),
+        g.node("Slice", ["scaled", "zero", "split", "axis"], ["on_items"]),
+        g.node("Slice", ["scaled", "split", "end", "axis"], ["on_background"]),
+        g.node("ReduceLogSumExp", ["on_items", "axis"], ["items_sum"], keepdims=0),
+        g.node("ReduceLogSumExp", ["on_background", "axis"], ["background_sum"], keepdims=0),
+        g.node("Sub", ["items_sum", "background_sum"], ["difference"]),
+        g.node("Div", ["difference", "tau"], ["pooled"]),
+        g.node("Add", ["pooled", "offset"], ["score"]),
+        g.node("ArgMax", ["on_items"], ["nearest"], axis=1, keepdims=0),
+        g.node("MatMul", ["vectors", "followups"], ["on_followups"]),
+        g.node("ReduceMax", ["on_followups", "axis"], ["followup_max"], keepdims=0),
+        g.node("Mul", ["followup_max", "tau"], ["followup_scaled"]),
+        g.node("Min", ["followup_scaled", "never"], ["followup_best"]),
+        g.node("ReduceMax", ["on_background", "axis"], ["background_max"], keepdims=0),
+        g.node("Greater", ["followup_best", "background_max"], ["followup"]),
+    ]
+    graph = g.model(
+        "guardrail-similarity",
+        nodes,
+        inputs=[g.value_info("vectors", g.FLOAT, ["N", dim])],
+        outputs=[
+            g.value_info("score", g.FLOAT, ["N"]),
+            g.value_info("nearest", g.INT64, ["N"]),
+            g.value_info("followup", g.BOOL, ["N"]),
+        ],
+        initializers=[g.tensor(name, value) for name, value in constants.items()],
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a few microseconds of work: threads would only spin
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def leave_one_out_pool(similarities: NDArray[np.float32], tau: float = TAU) -> NDArray[np.float32]:

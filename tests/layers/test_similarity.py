@@ -279,3 +279,27 @@ def test_custom_followups(document: ScenarioDocument, encoder: Encoder) -> None:
     assert custom.followup_vectors.shape == (1, 384)
     flags = custom.followup(encoder.encode(["and what about the second one?", "tell me a joke"]))
     assert list(flags) == [True, False]
+
+
+@pytest.mark.parametrize("with_followups", [True, False])
+def test_the_scoring_graph_matches_numpy(
+    document: ScenarioDocument, encoder: Encoder, with_followups: bool
+) -> None:
+    layer = SimilarityLayer.build(document, encoder, followups=None if with_followups else ())
+    rng = np.random.default_rng(1)
+    vectors = np.vstack([encoder.encode(ON_TOPIC + OFF_TOPIC), rng.normal(size=(20, encoder.dim))])
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    scores, nearest, followups = layer.evaluate(vectors)
+
+    items, background = layer.item_vectors, layer.background_vectors
+    expected = softmax_pool(vectors @ items.T, layer.tau) - softmax_pool(vectors @ background.T, layer.tau)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    np.testing.assert_array_equal(nearest, layer.nearest_scenario[(vectors @ items.T).argmax(axis=1)])
+    if with_followups:
+        assert layer.followup_vectors is not None
+        near = (vectors @ layer.followup_vectors.T).max(axis=1) > (vectors @ background.T).max(axis=1)
+        np.testing.assert_array_equal(followups, near)
+    else:
+        assert not followups.any()
+    empty = layer.evaluate(np.zeros((0, encoder.dim), np.float32))
+    assert [len(x) for x in empty] == [0, 0, 0]
