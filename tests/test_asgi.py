@@ -67,3 +67,50 @@ def test_a_stopped_watch_cancels_nothing() -> None:
         return "finished"
 
     assert asyncio.run(handler()) == "finished"
+
+
+def test_the_watch_starts_listening_only_after_its_delay() -> None:
+    calls: list[float] = []
+
+    async def receive() -> dict[str, Any]:
+        calls.append(asyncio.get_running_loop().time())
+        return {"type": "http.disconnect"}  # the client has already gone
+
+    async def handler(delay: float) -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        watch = ClientWatch(receive, delay=delay)
+        try:
+            await asyncio.sleep(5)
+            return False, 0.0
+        except asyncio.CancelledError:
+            watch.settle()
+            return watch.left, loop.time() - start
+        finally:
+            watch.stop()
+
+    left, after = asyncio.run(handler(0.1))
+    assert left and 0.1 <= after < 1.0
+    assert len(calls) == 1
+
+    calls.clear()
+    left, after = asyncio.run(handler(0))  # no delay: at once
+    assert left and after < 0.1
+
+
+def test_a_watch_stopped_within_its_delay_never_listens() -> None:
+    calls: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        calls.append(1)
+        return {"type": "http.disconnect"}
+
+    async def handler() -> str:
+        watch = ClientWatch(receive, delay=0.05)
+        await asyncio.sleep(0.01)  # a fast reply: done before the delay
+        watch.stop()
+        await asyncio.sleep(0.2)
+        return "finished"
+
+    assert asyncio.run(handler()) == "finished"
+    assert calls == []
