@@ -7,6 +7,11 @@ Follow-ups: a message judged off topic that reads as a content-free follow-up ("
 is judged again together with the previous user turn, and that joint verdict stands. A follow-up after
 an on-topic question passes; after an off-topic one it stays blocked. A message with a topic of its own
 is judged alone, so an off-topic question cannot ride on an on-topic opener.
+
+Layer 3, when a classifier is loaded, makes the decision on the same embedding and layer 1's features
+(see ``guardrail/layers/classifier.py``). ``reload`` swaps it for a new file in one assignment: a batch
+already running finishes with the model it started with, and a file that fails to load leaves the
+current model in place.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from typing import Literal
 
 from guardrail.encoder import Encoder
 from guardrail.errors import ConfigError
+from guardrail.layers.classifier import Classifier
 from guardrail.layers.similarity import SimilarityLayer
 from guardrail.models import DEFAULT_MODEL
 from guardrail.scenario import ScenarioDocument, load_scenario
 from guardrail.settings import Settings
 
-Layer = Literal["similarity"]
+Layer = Literal["similarity", "classifier"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class Verdict:
     scenario: str
     followup: bool = False  # blocked alone, and reads as a follow-up that needs the previous turn
     context: bool = False  # judged together with the previous user turn
+    # Each layer's own score, whichever decided: layer 1's always, layer 3's probability when loaded.
+    similarity_score: float | None = None
+    classifier_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,20 @@ class Query:
 class Guard:
     """Decides whether messages are on topic for one scenario document."""
 
-    def __init__(self, encoder: Encoder, similarity: SimilarityLayer, cache_size: int = 4096) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        similarity: SimilarityLayer,
+        cache_size: int = 4096,
+        classifier: Classifier | None = None,
+    ) -> None:
         self.encoder = encoder
         self.similarity = similarity
         self.document = similarity.document
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Verdict] = OrderedDict()
         self._lock = threading.Lock()
+        self._classifier = classifier
 
     @classmethod
     def load(
@@ -70,12 +86,17 @@ class Guard:
         target_pass: float = 0.95,
         threshold: float | None = None,
         cache_size: int = 4096,
+        classifier: str | Path | None = None,
+        classifier_threshold: float | None = None,
     ) -> Guard:
-        """Load the encoder and the scenario document, and calibrate layer 1."""
+        """Load the encoder and the scenario document, calibrate layer 1, and load a layer-3 classifier."""
         document = scenario if isinstance(scenario, ScenarioDocument) else load_scenario(scenario)
         encoder = Encoder.load(model, cache_dir=cache_dir, threads=threads)
         similarity = SimilarityLayer.build(document, encoder, target_pass=target_pass, threshold=threshold)
-        return cls(encoder, similarity, cache_size=cache_size)
+        guard = cls(encoder, similarity, cache_size=cache_size)
+        if classifier is not None:
+            guard.reload(classifier, classifier_threshold)
+        return guard
 
     @classmethod
     def from_settings(cls, settings: Settings, scenario: str | Path | None = None) -> Guard:
@@ -93,12 +114,36 @@ class Guard:
             target_pass=settings.target_pass,
             threshold=settings.threshold,
             cache_size=settings.cache_size,
+            classifier=settings.classifier,
+            classifier_threshold=settings.classifier_threshold,
         )
 
     @property
     def threshold(self) -> float:
         """The layer-1 threshold in force."""
         return self.similarity.threshold
+
+    @property
+    def classifier(self) -> Classifier | None:
+        """The layer-3 classifier in force, if any."""
+        return self._classifier
+
+    def reload(self, path: str | Path | None = None, threshold: float | None = None) -> Classifier:
+        """Load a classifier (default: the current one's file again) and put it in force.
+
+        Raises ``ModelError`` and keeps the current model when the file is missing, corrupt or made for
+        another encoder. Cached decisions are dropped, since they were the old model's.
+        """
+        current = self._classifier
+        if path is None:
+            if current is None:
+                raise ConfigError("no classifier to reload: give its path")
+            path = current.path
+        classifier = Classifier.load(path, self.encoder.id, self.encoder.dim, threshold)
+        with self._lock:
+            self._classifier = classifier
+            self._cache.clear()
+        return classifier
 
     def check(self, text: str) -> Verdict:
         """Judge one message."""
@@ -149,20 +194,44 @@ class Guard:
     def _decide(self, texts: list[str]) -> list[Verdict]:
         vectors = self.encoder.encode(texts)
         threshold = self.similarity.threshold
-        # Only a message that would be blocked can need the previous turn (see judge_many).
-        scores, nearest, followups = self.similarity.evaluate(vectors)
+        scored = self.similarity.evaluate(vectors)
         scenarios = self.document.scenarios
-        return [
-            Verdict(
-                allowed=bool(score >= threshold),
-                score=float(score),
-                threshold=threshold,
-                layer="similarity",
-                scenario=scenarios[index],
-                followup=bool(followup and score < threshold),
+        classifier = self._classifier  # one model for the whole batch, even if a reload lands meanwhile
+        if classifier is None:
+            return [
+                Verdict(
+                    allowed=bool(score >= threshold),
+                    score=float(score),
+                    threshold=threshold,
+                    layer="similarity",
+                    scenario=scenarios[index],
+                    # Only a message that would be blocked can need the previous turn (see judge_many).
+                    followup=bool(followup and score < threshold),
+                    similarity_score=float(score),
+                )
+                for score, index, followup in zip(scored.scores, scored.nearest, scored.followup, strict=True)
+            ]
+        probabilities = classifier.predict(scored.features)
+        cut = classifier.threshold
+        verdicts = []
+        for score, index, followup, p in zip(
+            scored.scores, scored.nearest, scored.followup, probabilities, strict=True
+        ):
+            allowed = bool(p >= cut)
+            verdicts.append(
+                Verdict(
+                    allowed=allowed,
+                    score=float(p),
+                    threshold=cut,
+                    # A block layer 1 alone would have made too is layer 1's; the rest are layer 3's.
+                    layer="similarity" if not allowed and score < threshold else "classifier",
+                    scenario=scenarios[index],
+                    followup=bool(followup and not allowed),
+                    similarity_score=float(score),
+                    classifier_score=float(p),
+                )
             )
-            for score, index, followup in zip(scores, nearest, followups, strict=True)
-        ]
+        return verdicts
 
 
 def _normalise(text: str) -> str:

@@ -28,6 +28,12 @@ else:  # pragma: no cover
 Mode = Literal["enforce", "shadow"]
 MODES: tuple[Mode, ...] = ("enforce", "shadow")
 DEFAULT_REFUSAL = "I'm sorry, this question is off-topic. I cannot answer that."
+# Layer 2: the system instruction added to every passed request. Placeholders: {title}, {description},
+# {scenarios} (the document's scenarios, one "- " bullet a line) and {refusal}.
+DEFAULT_INSTRUCTION = (
+    "You are {title}: {description} If the user's question is unrelated to this, reply exactly: {refusal}"
+)
+INSTRUCTION_FIELDS = frozenset({"title", "description", "scenarios", "refusal"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,14 @@ class Settings:
     target_pass: float = 0.95
     threshold: float | None = None
     cache_size: int = 4096
+    # Layer 3: a classifier written by `guardrail retrain` (its model card sits beside it), watched for
+    # changes every reload_interval seconds (0: only SIGHUP or POST /guardrail/reload reload it).
+    classifier: Path | None = None
+    classifier_threshold: float | None = None
+    reload_interval: float = 2.0
+    # Layer 2.
+    instruction: bool = True
+    instruction_template: str = DEFAULT_INSTRUCTION
     # The server.
     upstream: str | None = None
     host: str = "127.0.0.1"
@@ -54,6 +68,8 @@ class Settings:
     max_connections: int = 100
     encoder_workers: int = 2
     max_batch: int = 32
+    # The token for POST /guardrail/feedback and /guardrail/reload; unset, those endpoints are off.
+    admin_token: str | None = None
     # The interaction log; an empty path turns it off.
     log_path: Path | None = Path("interactions.jsonl")
     log_max_bytes: int = 100 * 2**20
@@ -117,8 +133,33 @@ class Settings:
             raise ConfigError(f"log_max_bytes must be at least 1024, got {self.log_max_bytes}")
         if self.log_backups < 0:
             raise ConfigError(f"log_backups must be 0 or more, got {self.log_backups}")
+        if self.classifier_threshold is not None and not 0.0 <= self.classifier_threshold <= 1.0:
+            raise ConfigError(f"classifier_threshold must be in [0, 1], got {self.classifier_threshold}")
+        if not (math.isfinite(self.reload_interval) and self.reload_interval >= 0):
+            raise ConfigError(f"reload_interval must be 0 or more seconds, got {self.reload_interval}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ConfigError("admin_token must be at least 16 characters")
+        check_instruction_template(self.instruction_template)
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError(f"upstream must be an http:// or https:// URL, got {self.upstream!r}")
+
+
+def check_instruction_template(template: str) -> None:
+    """Raise ``ConfigError`` for a template with unknown placeholders or broken braces."""
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(f"instruction_template: {exc} (write a literal brace as {{{{ or }}}})") from exc
+    unknown = sorted(fields - INSTRUCTION_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"instruction_template: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; "
+            f"use {', '.join('{' + n + '}' for n in sorted(INSTRUCTION_FIELDS))}"
+        )
+    if "refusal" not in fields:
+        raise ConfigError("instruction_template must contain {refusal}: layer 2 recognises that sentence")
 
 
 _KINDS: dict[str, type] = {
@@ -136,9 +177,13 @@ _KINDS: dict[str, type] = {
     "log_max_bytes": int,
     "log_backups": int,
     "log_queue": int,
+    "classifier_threshold": float,
+    "reload_interval": float,
+    "instruction": bool,
 }
-_PATHS = {"scenario", "cache_dir", "log_path"}
-_NAMES: dict[type, str] = {int: "a whole number", float: "a number", str: "a string"}
+_PATHS = {"scenario", "cache_dir", "log_path", "classifier"}
+_NAMES: dict[type, str] = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def _coerce(name: str, value: Any, where: str, typed: bool = False) -> Any:
@@ -154,6 +199,12 @@ def _coerce(name: str, value: Any, where: str, typed: bool = False) -> Any:
         # An empty log path turns the log off; an empty scenario or cache path means "not set".
         return Path(value) if value.strip() else None
     kind = _KINDS.get(name, str)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and not typed and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
     wrong = isinstance(value, bool) or (kind is str and not isinstance(value, str))
     if wrong or (typed and kind is not str and isinstance(value, str)):
         raise ConfigError(f"{where}: {name} must be {_NAMES[kind]}, got {value!r}")

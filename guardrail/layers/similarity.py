@@ -39,7 +39,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -51,6 +51,19 @@ from guardrail.layers import onnx_graph as g
 from guardrail.scenario import ScenarioDocument
 
 TAU = 10.0
+# What layer 1 adds to the embedding for layer 3 (see ``Scored.features``), in this order.
+FEATURE_NAMES = ("similarity_score", "items_pool", "background_pool", "items_max", "background_max")
+
+
+class Scored(NamedTuple):
+    """Layer 1 on a batch of embedded messages."""
+
+    scores: NDArray[np.float32]  # higher is more on topic
+    nearest: NDArray[np.intp]  # index of each message's nearest scenario
+    followup: NDArray[np.bool_]  # reads as a content-free follow-up
+    # The embedding followed by FEATURE_NAMES: the score, the pooled similarity to the document's items
+    # and to the background, and the largest single similarity to each. Layer 3's input.
+    features: NDArray[np.float32]
 
 
 def load_background() -> tuple[str, ...]:
@@ -161,30 +174,37 @@ class SimilarityLayer:
         followup_vectors = _cached_encode(encoder, followups) if followups else None
         return cls(document, item_vectors, background_vectors, nearest, calibration, tau, followup_vectors)
 
-    def evaluate(self, vectors: Vectors) -> tuple[NDArray[np.float32], NDArray[np.intp], NDArray[np.bool_]]:
-        """Scores (higher is more on topic), the index of each message's nearest scenario, and which
-        messages read as content-free follow-ups (nearer a follow-up than any background message)."""
+    def evaluate(self, vectors: Vectors) -> Scored:
+        """Scores, nearest scenarios, follow-up flags (nearer a follow-up than any background message)
+        and layer 3's features, in one run of the scoring graph."""
         if len(vectors) == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.intp), np.zeros(0, bool)
+            width = self.item_vectors.shape[1] + len(FEATURE_NAMES)
+            empty = np.zeros(0, np.float32)
+            return Scored(empty, np.zeros(0, np.intp), np.zeros(0, bool), np.zeros((0, width), np.float32))
         feeds = {"vectors": np.ascontiguousarray(vectors, dtype=np.float32)}
-        scores, nearest, followup = self._head.run(None, feeds)
-        return scores, self.nearest_scenario[nearest], followup
+        scores, nearest, followup, features = self._head.run(None, feeds)
+        return Scored(scores, self.nearest_scenario[nearest], followup, features)
 
     def score(self, vectors: Vectors) -> tuple[NDArray[np.float32], NDArray[np.intp]]:
         """Scores (higher is more on topic) and the index of each message's nearest scenario."""
-        scores, nearest, _ = self.evaluate(vectors)
-        return scores, nearest
+        scored = self.evaluate(vectors)
+        return scored.scores, scored.nearest
 
     def followup(self, vectors: Vectors) -> NDArray[np.bool_]:
         """Which messages read as content-free follow-ups: nearer a follow-up than any background message."""
-        return self.evaluate(vectors)[2]
+        return self.evaluate(vectors).followup
+
+
+# The graph's names for FEATURE_NAMES.
+_COLUMNS = ("score", "items_pool", "background_pool", "items_max", "background_max")
 
 
 def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: float) -> ort.InferenceSession:
-    """The scoring graph: vectors (N, dim) in; score (N,), nearest item (N,) and follow-up (N,) out.
+    """The scoring graph: vectors (N, dim) in; score (N,), nearest item (N,), follow-up (N,) and
+    features (N, dim + len(FEATURE_NAMES)) out.
 
-    score = (logsumexp(tau * c_items) - log n_items - logsumexp(tau * c_background) + log n_background) / tau,
-    which is ``softmax_pool(c_items) - softmax_pool(c_background)``.
+    pool = (logsumexp(tau * c) - log n) / tau, which is ``softmax_pool(c)``, and
+    score = pool(c_items) - pool(c_background).
     """
     dim, n_items, n_background = items.shape[1], len(items), len(background)
     n_all = n_items + n_background
@@ -193,12 +213,12 @@ def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: f
     # cosine's (-2 tau), so it never wins; with follow-ups the cap is +inf, no cap at all.
     none = followups is None or not len(followups)
     follow = np.zeros((dim, 1), np.float32) if followups is None or none else followups.T
-    offset = (np.log(n_background) - np.log(n_items)) / tau
     constants: dict[str, NDArray[np.float32] | NDArray[np.int64]] = {
         "matrix": matrix,
         "followups": np.ascontiguousarray(follow, dtype=np.float32),
         "tau": np.array(tau, np.float32),
-        "offset": np.array(offset, np.float32),
+        "log_items": np.array(np.log(n_items), np.float32),
+        "log_background": np.array(np.log(n_background), np.float32),
         "never": np.array(-2.0 * tau if none else np.inf, np.float32),
         "zero": np.array([0], np.int64),
         "split": np.array([n_items], np.int64),
@@ -212,16 +232,24 @@ def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: f
         g.node("Slice", ["scaled", "split", "end", "axis"], ["on_background"]),
         g.node("ReduceLogSumExp", ["on_items", "axis"], ["items_sum"], keepdims=0),
         g.node("ReduceLogSumExp", ["on_background", "axis"], ["background_sum"], keepdims=0),
-        g.node("Sub", ["items_sum", "background_sum"], ["difference"]),
-        g.node("Div", ["difference", "tau"], ["pooled"]),
-        g.node("Add", ["pooled", "offset"], ["score"]),
+        g.node("Sub", ["items_sum", "log_items"], ["items_shifted"]),
+        g.node("Div", ["items_shifted", "tau"], ["items_pool"]),
+        g.node("Sub", ["background_sum", "log_background"], ["background_shifted"]),
+        g.node("Div", ["background_shifted", "tau"], ["background_pool"]),
+        g.node("Sub", ["items_pool", "background_pool"], ["score"]),
         g.node("ArgMax", ["on_items"], ["nearest"], axis=1, keepdims=0),
+        g.node("ReduceMax", ["on_items", "axis"], ["items_max_scaled"], keepdims=0),
+        g.node("Div", ["items_max_scaled", "tau"], ["items_max"]),
+        g.node("ReduceMax", ["on_background", "axis"], ["background_max_scaled"], keepdims=0),
+        g.node("Div", ["background_max_scaled", "tau"], ["background_max"]),
         g.node("MatMul", ["vectors", "followups"], ["on_followups"]),
         g.node("ReduceMax", ["on_followups", "axis"], ["followup_max"], keepdims=0),
         g.node("Mul", ["followup_max", "tau"], ["followup_scaled"]),
         g.node("Min", ["followup_scaled", "never"], ["followup_best"]),
-        g.node("ReduceMax", ["on_background", "axis"], ["background_max"], keepdims=0),
-        g.node("Greater", ["followup_best", "background_max"], ["followup"]),
+        g.node("Greater", ["followup_best", "background_max_scaled"], ["followup"]),
+        # Layer 3's input: the embedding, then FEATURE_NAMES as columns.
+        *(g.node("Unsqueeze", [name, "axis"], [f"{name}_column"]) for name in _COLUMNS),
+        g.node("Concat", ["vectors", *(f"{name}_column" for name in _COLUMNS)], ["features"], axis=1),
     ]
     graph = g.model(
         "guardrail-similarity",
@@ -231,6 +259,7 @@ def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: f
             g.value_info("score", g.FLOAT, ["N"]),
             g.value_info("nearest", g.INT64, ["N"]),
             g.value_info("followup", g.BOOL, ["N"]),
+            g.value_info("features", g.FLOAT, ["N", dim + len(FEATURE_NAMES)]),
         ],
         initializers=[g.tensor(name, value) for name, value in constants.items()],
     )

@@ -12,6 +12,7 @@ import pytest
 from guardrail.encoder import Encoder
 from guardrail.errors import ConfigError
 from guardrail.layers.similarity import (
+    FEATURE_NAMES,
     Calibration,
     SimilarityLayer,
     load_background,
@@ -289,12 +290,23 @@ def test_the_scoring_graph_matches_numpy(
     rng = np.random.default_rng(1)
     vectors = np.vstack([encoder.encode(ON_TOPIC + OFF_TOPIC), rng.normal(size=(20, encoder.dim))])
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    scores, nearest, followups = layer.evaluate(vectors)
+    scores, nearest, followups, features = layer.evaluate(vectors)
 
     items, background = layer.item_vectors, layer.background_vectors
     expected = softmax_pool(vectors @ items.T, layer.tau) - softmax_pool(vectors @ background.T, layer.tau)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     np.testing.assert_array_equal(nearest, layer.nearest_scenario[(vectors @ items.T).argmax(axis=1)])
+    # Layer 3's input: the embedding, then FEATURE_NAMES.
+    assert features.shape == (len(vectors), encoder.dim + len(FEATURE_NAMES))
+    np.testing.assert_allclose(features[:, : encoder.dim], vectors, atol=1e-7)
+    columns = dict(zip(FEATURE_NAMES, features[:, encoder.dim :].T, strict=True))
+    np.testing.assert_allclose(columns["similarity_score"], expected, atol=1e-5)
+    np.testing.assert_allclose(columns["items_pool"], softmax_pool(vectors @ items.T, layer.tau), atol=1e-5)
+    np.testing.assert_allclose(
+        columns["background_pool"], softmax_pool(vectors @ background.T, layer.tau), atol=1e-5
+    )
+    np.testing.assert_allclose(columns["items_max"], (vectors @ items.T).max(axis=1), atol=1e-5)
+    np.testing.assert_allclose(columns["background_max"], (vectors @ background.T).max(axis=1), atol=1e-5)
     if with_followups:
         assert layer.followup_vectors is not None
         near = (vectors @ layer.followup_vectors.T).max(axis=1) > (vectors @ background.T).max(axis=1)
@@ -302,4 +314,5 @@ def test_the_scoring_graph_matches_numpy(
     else:
         assert not followups.any()
     empty = layer.evaluate(np.zeros((0, encoder.dim), np.float32))
-    assert [len(x) for x in empty] == [0, 0, 0]
+    assert [len(x) for x in empty] == [0, 0, 0, 0]
+    assert empty.features.shape == (0, encoder.dim + len(FEATURE_NAMES))
