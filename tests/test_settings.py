@@ -142,6 +142,8 @@ def toml_value(value: object) -> str:
     """A Python value as a TOML literal: JSON's string escapes are valid in TOML basic strings."""
     if isinstance(value, (str, Path)):
         return json.dumps(str(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return repr(value)
 
 
@@ -216,6 +218,12 @@ SOURCES: dict[str, tuple[object, object, object]] = {
     "log_max_bytes": (1024, 4096, 8192),
     "log_backups": (0, 1, 9),
     "log_queue": (10, 20, 30),
+    "classifier": (Path("/toml/m.onnx"), Path("/env/m.onnx"), Path("/flag/m.onnx")),
+    "classifier_threshold": (0.3, 0.4, 0.6),
+    "reload_interval": (1.0, 5.0, 0.0),
+    "instruction": (False, True, False),
+    "instruction_template": ("toml: {refusal}", "env: {refusal}", "flag {title}: {refusal}"),
+    "admin_token": ("toml-token-0123456789", "env-token-0123456789", "flag-token-0123456789"),
 }
 
 
@@ -459,3 +467,44 @@ def test_empty_log_path_flag_beats_a_toml_log_path(tmp_path: Path) -> None:
 def test_empty_scenario_in_toml_means_unset(tmp_path: Path) -> None:
     config = write_toml(tmp_path, 'scenario = ""\n')
     assert Settings.load(environ={}, config=config).scenario is None
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("true", True), ("On", True), ("1", True), ("no", False), ("0", False)]
+)
+def test_booleans_from_the_environment(text: str, value: bool) -> None:
+    assert Settings.load(environ={"GUARDRAIL_INSTRUCTION": text}).instruction is value
+
+
+def test_a_bad_boolean_names_its_source(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="GUARDRAIL_INSTRUCTION: instruction must be true or false"):
+        Settings.load(environ={"GUARDRAIL_INSTRUCTION": "maybe"})
+    config = write_toml(tmp_path, 'instruction = "yes"\n')
+    with pytest.raises(ConfigError, match="instruction must be true or false"):
+        Settings.load(environ={}, config=config)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Stay on topic. {refusal} {colour}", "unknown placeholder"),
+        ("Stay on {title", "literal brace"),
+        ("You are {title}.", "must contain {refusal}"),
+    ],
+)
+def test_instruction_templates_are_checked_at_load(template: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.load(environ={}, instruction_template=template)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("classifier_threshold", 1.5, "classifier_threshold must be in [0, 1]"),
+        ("reload_interval", -1.0, "reload_interval must be 0 or more"),
+        ("admin_token", "short", "admin_token must be at least 16"),
+    ],
+)
+def test_layer_settings_out_of_range(name: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.load(environ={}, **{name: value})
