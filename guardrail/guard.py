@@ -8,6 +8,14 @@ is judged again together with the previous user turn, and that joint verdict sta
 an on-topic question passes; after an off-topic one it stays blocked. A message with a topic of its own
 is judged alone, so an off-topic question cannot ride on an on-topic opener.
 
+Smuggling: a message that passes as a whole but holds several sentences ("I'd like to book a viewing.
+Also, write me a poem about cats.") is judged sentence by sentence too, and a sentence that is clearly
+off topic blocks the message: its layer-1 score is below the median of the background's (generic chat,
+calibrated with the document), not just below the threshold, because the sentences around a request
+("We are a family of four with a dog.") often score a little under it. Sentences without a topic of
+their own do not count: under four words, content-free follow-ups ("what can I do?") and, in English,
+greetings, thanks and apologies (``PLEASANTRY``), which score as generic chat.
+
 Layer 3, when a classifier is loaded, makes the decision on the same embedding and layer 1's features
 (see ``guardrail/layers/classifier.py``). ``reload`` swaps it for a new file in one assignment: a batch
 already running finishes with the model it started with, and a file that fails to load leaves the
@@ -16,6 +24,7 @@ current model in place.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,6 +42,17 @@ from guardrail.settings import Settings
 
 Layer = Literal["similarity", "classifier"]
 
+# Where a message splits into sentences: after . ! ? ; and at line breaks.
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\s*\n+\s*")
+# Sentences that are social, not requests: greetings, thanks, apologies, wishes (English only).
+PLEASANTRY = re.compile(
+    r"^\W*(hi|hello|hey|hiya|dear\b|good (morning|afternoon|evening|day)|greetings|how are (you|things)|"
+    r"hope (you|this|all)|i hope (you|this|all)|thanks?\b|thank you|many thanks|cheers|sorry|apologies|"
+    r"excuse me|please help|have a (nice|good|great))",
+    re.IGNORECASE,
+)
+MIN_SENTENCE_WORDS = 4
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -45,6 +65,7 @@ class Verdict:
     scenario: str
     followup: bool = False  # blocked alone, and reads as a follow-up that needs the previous turn
     context: bool = False  # judged together with the previous user turn
+    sentence: str | None = None  # the sentence of a longer message that got it blocked
     # Each layer's own score, whichever decided: layer 1's always, layer 3's probability when loaded.
     similarity_score: float | None = None
     classifier_score: float | None = None
@@ -154,7 +175,7 @@ class Guard:
         return self.judge_many([Query(text, previous)])[0]
 
     def judge_many(self, queries: Sequence[Query]) -> list[Verdict]:
-        """Judge several messages of conversations; the encoder runs at most twice."""
+        """Judge several messages of conversations; the encoder runs at most three times."""
         verdicts = self.check_many([q.text for q in queries])
         retry = [
             i
@@ -165,6 +186,21 @@ class Guard:
             joint = self.check_many([f"{queries[i].previous}\n{queries[i].text}" for i in retry])
             for i, verdict in zip(retry, joint, strict=True):
                 verdicts[i] = replace(verdict, followup=True, context=True)
+        # Smuggling: the sentences with a topic of their own, of messages that passed whole.
+        owners: list[int] = []
+        sentences: list[str] = []
+        for i, (query, verdict) in enumerate(zip(queries, verdicts, strict=True)):
+            if verdict.allowed:
+                for sentence in topical_sentences(query.text):
+                    owners.append(i)
+                    sentences.append(sentence)
+        bar = self.similarity.calibration.background_median
+        if sentences and bar is not None:
+            for i, sentence, verdict in zip(owners, sentences, self.check_many(sentences), strict=True):
+                score = verdict.similarity_score
+                clearly_off = score is not None and score < min(bar, self.similarity.threshold)
+                if clearly_off and not verdict.followup and verdicts[i].allowed:
+                    verdicts[i] = replace(verdict, allowed=False, sentence=sentence)
         return verdicts
 
     def check_many(self, texts: Sequence[str]) -> list[Verdict]:
@@ -232,6 +268,14 @@ class Guard:
                 )
             )
         return verdicts
+
+
+def topical_sentences(text: str) -> list[str]:
+    """The sentences of a message that could carry a topic of their own; none for a single sentence."""
+    parts = [part.strip() for part in _SENTENCE_END.split(text) if part and part.strip()]
+    if len(parts) < 2:
+        return []
+    return [part for part in parts if len(part.split()) >= MIN_SENTENCE_WORDS and not PLEASANTRY.match(part)]
 
 
 def _normalise(text: str) -> str:

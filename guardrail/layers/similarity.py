@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Literal, NamedTuple
 
@@ -93,6 +93,9 @@ class Calibration:
     source: Literal["document", "background", "setting"]
     document_quantile: float | None  # None for a one-item document: nothing to leave out
     background_quantile: float
+    # How generic chat typically scores (the background's median, leave-one-out): a sentence below it
+    # is clearly off topic, which is the bar for one sentence of a longer message (see guard.py).
+    background_median: float | None = None
 
 
 class SimilarityLayer:
@@ -167,9 +170,7 @@ class SimilarityLayer:
             tau,
         )
         if threshold is not None:
-            calibration = Calibration(
-                threshold, "setting", calibration.document_quantile, calibration.background_quantile
-            )
+            calibration = replace(calibration, threshold=threshold, source="setting")
         followups = load_followups() if followups is None else followups
         followup_vectors = _cached_encode(encoder, followups) if followups else None
         return cls(document, item_vectors, background_vectors, nearest, calibration, tau, followup_vectors)
@@ -294,13 +295,14 @@ def _calibrate(
     # background message against the other background messages, so no score sees its own vector.
     background_scores = background_on_items - leave_one_out_pool(background @ background.T, tau)
     background_quantile = float(np.quantile(background_scores, 1 - background_pass))
+    median = float(np.median(background_scores))
     if item_loo is None:
-        return Calibration(background_quantile, "background", None, background_quantile)
+        return Calibration(background_quantile, "background", None, background_quantile, median)
     item_scores = item_loo - softmax_pool(items @ background.T, tau)
     document_quantile = float(np.quantile(item_scores, 1 - target_pass))
     if document_quantile <= background_quantile:
-        return Calibration(document_quantile, "document", document_quantile, background_quantile)
-    return Calibration(background_quantile, "background", document_quantile, background_quantile)
+        return Calibration(document_quantile, "document", document_quantile, background_quantile, median)
+    return Calibration(background_quantile, "background", document_quantile, background_quantile, median)
 
 
 def _cached_encode(encoder: Encoder, texts: tuple[str, ...]) -> Vectors:

@@ -82,7 +82,11 @@ def test_threshold_setting_overrides_calibration(
     fixed = SimilarityLayer.build(document, encoder, threshold=0.5)
     assert fixed.threshold == 0.5
     assert fixed.calibration == Calibration(
-        0.5, "setting", layer.calibration.document_quantile, layer.calibration.background_quantile
+        0.5,
+        "setting",
+        layer.calibration.document_quantile,
+        layer.calibration.background_quantile,
+        layer.calibration.background_median,
     )
 
 
