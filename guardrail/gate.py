@@ -1,7 +1,8 @@
 """The HTTP-agnostic request pipeline shared by the proxy and the middleware.
 
 A ``Gate`` turns a parsed conversation into a ``Decision`` (asking the guard, off the event loop),
-names it in response headers, and writes the interaction record and metrics once the reply is known.
+names it in response headers, adds layer 2's instruction to a passed request, and writes the interaction
+record and metrics once the reply is known, noting whether the LLM answered with the refusal.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from urllib.parse import quote
 from guardrail.batching import Batcher
 from guardrail.guard import Guard, Query, Verdict
 from guardrail.interactions import InteractionLog, new_id
+from guardrail.layers.instruction import RefusalDetector, build_instruction
 from guardrail.metrics import Metrics
-from guardrail.protocols.base import Conversation
+from guardrail.protocols.base import ChatProtocol, Conversation
 from guardrail.settings import DEFAULT_REFUSAL, Mode, Settings
 
 Action = Literal["passed", "blocked", "would-block", "unjudged"]
@@ -89,6 +91,7 @@ class Gate:
         refusal: str = DEFAULT_REFUSAL,
         log: InteractionLog | None = None,
         metrics: Metrics | None = None,
+        instruction: str | None = None,
     ) -> None:
         self.guard = guard
         self.batcher = batcher if batcher is not None else Batcher(guard.judge_many)
@@ -97,6 +100,10 @@ class Gate:
         self.log = log
         self.metrics = metrics if metrics is not None else Metrics()
         self.scenario = guard.document.name
+        self.instruction = instruction  # layer 2's text; None when layer 2 is off
+        self.detector = RefusalDetector(refusal)
+        # Created up front, so the series is there (at 0) before the first refusal.
+        self._llm_refusals = self.metrics.llm_refusals.labels(self.scenario)
 
     @classmethod
     def from_settings(
@@ -106,9 +113,13 @@ class Gate:
         log: InteractionLog | None = None,
         metrics: Metrics | None = None,
     ) -> Gate:
-        """A gate with the settings' mode, refusal and encoder workers."""
+        """A gate with the settings' mode, refusal, layer-2 instruction and encoder workers."""
         batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
-        return cls(guard, batcher, settings.mode, settings.refusal, log, metrics)
+        instruction = None
+        if settings.instruction:
+            # Built once here: every passed request gets the same text.
+            instruction = build_instruction(guard.document, settings.instruction_template, settings.refusal)
+        return cls(guard, batcher, settings.mode, settings.refusal, log, metrics, instruction)
 
     async def decide(self, conversation: Conversation) -> Decision:
         """Judge the conversation's last user message, with the previous turn as context."""
@@ -135,6 +146,15 @@ class Gate:
             action = "blocked" if self.mode == "enforce" else "would-block"
         return Decision(new_id(), action, verdict, elapsed, started)
 
+    def instruct(
+        self, decision: Decision, conversation: Conversation, protocol: ChatProtocol, body: bytes
+    ) -> bytes:
+        """The body to send on: with layer 2's instruction if this request gets it, else ``body`` itself."""
+        # Shadow mode only watches: what reaches the LLM must be what the client sent.
+        if self.instruction is None or decision.action != "passed" or self.mode != "enforce":
+            return body
+        return protocol.inject(conversation, body, self.instruction)
+
     def record(
         self,
         decision: Decision,
@@ -145,12 +165,20 @@ class Gate:
         reply: str | None = None,
         upstream_seconds: float | None = None,
         error: str | None = None,
+        instructed: bool = False,
     ) -> None:
-        """Count the request and queue its interaction record; never blocks, never raises."""
+        """Count the request and queue its interaction record; never blocks, never raises.
+
+        ``instructed`` says whether layer 2's instruction went with the request.
+        """
         verdict = decision.verdict
         self.metrics.requests.labels(
             decision.action, verdict.layer if verdict else "none", self.scenario
         ).inc()
+        # A blocked request's reply is the gate's own refusal, not the LLM's.
+        refused = None if decision.blocked or not reply else self.detector.matches(reply)
+        if refused:
+            self._llm_refusals.inc()
         if self.log is None:
             return
         record = {
@@ -167,11 +195,15 @@ class Gate:
             "layer": verdict.layer if verdict else None,
             "score": round(verdict.score, 6) if verdict else None,
             "threshold": round(verdict.threshold, 6) if verdict else None,
+            "similarity_score": _rounded(verdict.similarity_score) if verdict else None,
+            "classifier_score": _rounded(verdict.classifier_score) if verdict else None,
             "nearest_scenario": verdict.scenario if verdict else None,
             "followup": verdict.followup if verdict else False,
             "used_context": verdict.context if verdict else False,
             "upstream": {"status": status, "usage": usage, "error": error},
             "reply": reply,
+            "instruction": instructed,
+            "llm_refused": refused,
             "latency_ms": {
                 "guard": round(decision.guard_seconds * 1000, 3),
                 "upstream_first_byte": None
@@ -183,6 +215,10 @@ class Gate:
         if not self.log.write(record):
             self.metrics.log_dropped.inc()
         self.metrics.log_depth.set(self.log.depth)
+
+
+def _rounded(score: float | None) -> float | None:
+    return None if score is None else round(score, 6)
 
 
 def open_log(settings: Settings) -> InteractionLog | None:

@@ -34,6 +34,12 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.llm_refusals = Counter(
+            "guardrail_llm_refusals",
+            "Passed requests the LLM answered with the refusal sentence: off topic, caught by layer 2.",
+            ["scenario"],
+            registry=self.registry,
+        )
         self.guard_seconds = Histogram(
             "guardrail_guard_seconds",
             "Time to judge one message, queueing for the encoder included.",

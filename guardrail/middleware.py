@@ -6,8 +6,9 @@ Only ``POST`` requests to the guarded paths are judged (``paths`` maps each path
 or lists paths that all speak ``protocol``); every other request, websockets and lifespan
 pass through untouched. A blocked request is answered in the app's own format (an OpenAI
 ``chat.completion`` by default, or the reply shape of ``JSONFields``) and never reaches the app. A
-passed one reaches the app with its body replayed, and its reply goes back unbuffered, with the
-``x-guardrail-*`` headers added, while a copy of the text is kept for the interaction log.
+passed one reaches the app with its body replayed (in the OpenAI format, with layer 2's instruction
+added to its system message), and its reply goes back unbuffered, with the ``x-guardrail-*`` headers
+added, while a copy of the text is kept for the interaction log.
 """
 
 from __future__ import annotations
@@ -140,9 +141,16 @@ class _GuardedRequest:
             gate.record(decision, conversation, self.path, reply=gate.refusal)
             await refuse(self.send, self.protocol, conversation, decision, gate.refusal)
             return
-        await self._call_app(body, decision, conversation)
+        sent = gate.instruct(decision, conversation, self.protocol, body)
+        await self._call_app(sent, decision, conversation, instructed=sent is not body)
 
-    async def _call_app(self, body: bytes, decision: Decision, conversation: Conversation) -> None:
+    async def _call_app(
+        self, body: bytes, decision: Decision, conversation: Conversation, instructed: bool
+    ) -> None:
+        scope = self.scope
+        if instructed:
+            # The app may trust Content-Length: it must be the length of the body it is given.
+            scope = {**scope, "headers": _with_length(scope["headers"], len(body))}
         replayed = False
         inflate: Any = None
 
@@ -179,7 +187,7 @@ class _GuardedRequest:
         started = time.perf_counter()
         error: str | None = None
         try:
-            await self.middleware.app(self.scope, receive, send)
+            await self.middleware.app(scope, receive, send)
         except Exception as exc:
             error = f"the app raised {type(exc).__name__}: {exc}"
             raise
@@ -197,4 +205,11 @@ class _GuardedRequest:
                 reply=reader.text if reader else None,
                 upstream_seconds=self.first_byte,
                 error=error,
+                instructed=instructed,
             )
+
+
+def _with_length(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    """Headers with Content-Length set to ``length``; a chunked body (no Content-Length) stays so."""
+    value = b"%d" % length
+    return [(k, value) if k.lower() == b"content-length" else (k, v) for k, v in headers]

@@ -1,9 +1,11 @@
 """The reverse proxy: guards chat completions and passes everything else through to the upstream.
 
 Clients change only their base URL. ``POST /v1/chat/completions`` (and ``/chat/completions``) is
-judged; a blocked request is answered here with the refusal and never reaches the upstream. Every
-other method and path goes to the upstream unchanged (query, headers, Authorization, body, status,
-streaming). The proxy's own endpoints are ``/metrics`` and ``/healthz``.
+judged; a blocked request is answered here with the refusal and never reaches the upstream, and a
+passed one goes on with layer 2's instruction added to its system message (unless the ``instruction``
+setting is off, or in shadow mode: see ``Gate.instruct``). Every other method and path goes to the
+upstream unchanged (query, headers, Authorization, body, status, streaming). The proxy's own endpoints
+are ``/metrics`` and ``/healthz``.
 
 Upstream URL: the request path is appended to it, unless the upstream URL already ends with the path's
 first segments, so ``--upstream https://api.openai.com/v1`` and ``--upstream https://api.openai.com``
@@ -159,7 +161,10 @@ class Proxy:
             gate.record(decision, conversation, path, reply=gate.refusal)
             await refuse(send, self.protocol, conversation, decision, gate.refusal)
             return
-        await self._forward(url, headers, body, decision, conversation, path, receive, send)
+        # The client's Content-Length is already dropped (see _request_headers): aiohttp sets the
+        # length of what is sent, instructed or not.
+        sent = gate.instruct(decision, conversation, self.protocol, body)
+        await self._forward(url, headers, sent, decision, conversation, path, receive, send, sent is not body)
 
     async def _forward(
         self,
@@ -171,6 +176,7 @@ class Proxy:
         path: str,
         receive: Receive,
         send: Send,
+        instructed: bool = False,
     ) -> None:
         # A non-streamed completion sends nothing until it is done: without the watch, the upstream
         # would go on generating for a client that gave up; with it, the request is closed at once.
@@ -220,6 +226,7 @@ class Proxy:
                 reply=reader.text if reader is not None else None,
                 upstream_seconds=first_byte,
                 error=error,
+                instructed=instructed,
             )
 
     async def passthrough(self, request: Request) -> Response:

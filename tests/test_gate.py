@@ -33,8 +33,12 @@ RECORD_KEYS = {
     "nearest_scenario",
     "followup",
     "used_context",
+    "similarity_score",
+    "classifier_score",
     "upstream",
     "reply",
+    "instruction",
+    "llm_refused",
     "latency_ms",
 }
 

@@ -367,21 +367,23 @@ def test_a_log_passed_in_stays_open_after_shutdown(bot: Bot, guard: Guard, log_p
 # The request body
 
 
-def test_the_app_sees_the_exact_body_bytes(url: str, bot: Bot) -> None:
-    # Spacing, key order, a trailing zero and an escape that any re-serialisation would change.
+def test_the_app_sees_the_exact_body_bytes(bot: Bot, guard: Guard) -> None:
+    # Spacing, key order, a trailing zero and an escape that any re-serialisation would change: with
+    # layer 2 off, nothing may (tests/test_layer2.py covers the instruction).
     body = (
         b'{ "model" : "bot",\n  "temperature": 0.70, "messages": [ {"content": "'
         + ON_TOPIC[3].encode()
         + b'", "role": "user", "name": "caf\\u00e9"} ] }'
     )
-    response = httpx.post(
-        f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
-    )
+    with serve(guarded(bot, guard, None, instruction=False)) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
     assert response.headers["x-guardrail-verdict"] == "passed"
     assert bot.bodies == [body]
 
 
-def test_a_chunked_request_body_is_reassembled(url: str, bot: Bot) -> None:
+def test_a_chunked_request_body_is_reassembled(bot: Bot, guard: Guard) -> None:
     body = orjson.dumps({"model": "bot", "messages": user(ON_TOPIC[4])})
     pieces = [body[i : i + 16] for i in range(0, len(body), 16)]
     assert len(pieces) > 3
@@ -391,7 +393,8 @@ def test_a_chunked_request_body_is_reassembled(url: str, bot: Bot) -> None:
             yield piece
             time.sleep(0.005)
 
-    response = httpx.post(f"{url}/v1/chat/completions", content=slowly())
+    with serve(guarded(bot, guard, None, instruction=False)) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", content=slowly())
     assert response.json()["choices"][0]["message"]["content"] == answer(ON_TOPIC[4])
     assert bot.bodies == [body]
     assert bot.headers[0].get("transfer-encoding") == "chunked"
@@ -417,7 +420,7 @@ def test_a_body_at_the_limit_is_accepted(bot: Bot, guard: Guard) -> None:
     body = orjson.dumps({"model": "bot", "messages": user(ON_TOPIC[0])})
     body = body[:-1] + b" " * (2048 - len(body)) + b"}"
     assert len(body) == 2048
-    with serve(guarded(bot, guard, None, max_body_bytes=2048)) as url:
+    with serve(guarded(bot, guard, None, max_body_bytes=2048, instruction=False)) as url:
         response = httpx.post(f"{url}/v1/chat/completions", content=body)
     assert response.status_code == 200
     assert bot.bodies == [body]

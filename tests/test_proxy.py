@@ -118,8 +118,10 @@ def test_blocked_stream_is_a_valid_chunk_stream(
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_passed_request_reaches_the_upstream_unchanged(
-    proxy: ProxyServer, fake_upstream: FakeOpenAI, stream: bool
+    start_proxy: StartProxy, fake_upstream: FakeOpenAI, stream: bool
 ) -> None:
+    # Layer 2 off: the request goes as it came (tests/test_layer2.py covers the instruction).
+    proxy = start_proxy(fake_upstream.url, instruction=False)
     body: dict[str, Any] = {"model": MODEL, "messages": user(ON), "temperature": 0.2}
     if stream:
         body["stream"] = True
@@ -142,8 +144,12 @@ def test_passed_request_reaches_the_upstream_unchanged(
     assert arrived.header("host") == fake_upstream.url.removeprefix("http://")
 
 
-def test_passed_request_body_arrives_byte_identical(proxy: ProxyServer, fake_upstream: FakeOpenAI) -> None:
-    # Odd spacing, key order and escapes: the proxy must send what it read, not a re-serialisation.
+def test_passed_request_body_arrives_byte_identical(
+    start_proxy: StartProxy, fake_upstream: FakeOpenAI
+) -> None:
+    # Odd spacing, key order and escapes: with layer 2 off, the proxy must send what it read, not a
+    # re-serialisation.
+    proxy = start_proxy(fake_upstream.url, instruction=False)
     body = b'{ "messages" : [{"role":"user", "content":"Is the two-bedroom flat on Station Road \\u0073till available to rent?"}],\n"model":"m" }'  # noqa: E501
     response = proxy.http().post("/v1/chat/completions", content=body, headers={"content-type": "x/y"})
 
@@ -494,7 +500,7 @@ def test_text_parts_are_joined_and_images_ignored(
     assert passed.headers["x-guardrail-verdict"] == "passed"
     assert proxy.record(passed.headers["x-guardrail-id"])["text"] == joined
     [arrived] = fake_upstream.chats
-    assert arrived.json()["messages"][0]["content"] == on_parts  # the image still goes upstream
+    assert arrived.json()["messages"][-1]["content"] == on_parts  # the image still goes upstream
 
 
 def test_follow_up_after_an_on_topic_question_passes_with_context(
@@ -703,7 +709,7 @@ def test_concurrent_requests_each_get_their_own_verdict(
     passed = [
         m for m, r in zip(messages, responses, strict=True) if r.headers["x-guardrail-verdict"] == "passed"
     ]
-    assert sorted(r.json()["messages"][0]["content"] for r in fake_upstream.chats) == sorted(passed)
+    assert sorted(r.json()["messages"][-1]["content"] for r in fake_upstream.chats) == sorted(passed)
     assert 0 < len(passed) < 32
     batcher = proxy.app.state.gate.batcher
     assert batcher.items == 32

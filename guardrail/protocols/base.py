@@ -1,9 +1,10 @@
-"""What every wire format provides: a conversation to judge, a refusal, and a reader for the reply."""
+"""What every wire format provides: a conversation to judge, a refusal, layer 2's instruction, and a
+reader for the reply."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -20,6 +21,9 @@ class Conversation:
     stream: bool = False
     model: str | None = None
     include_usage: bool = False
+    # The parsed request body, kept so that adding layer 2's instruction does not parse it again.
+    # Not part of what the conversation is: left out of comparisons and repr.
+    payload: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 class ReplyReader(Protocol):
@@ -48,5 +52,11 @@ class ChatProtocol(Protocol):
     def refusal(self, conversation: Conversation, refusal: str, id: str) -> bytes: ...
 
     def refusal_stream(self, conversation: Conversation, refusal: str, id: str) -> Iterator[bytes]: ...
+
+    def inject(self, conversation: Conversation, body: bytes, instruction: str) -> bytes:
+        """The request body with ``instruction`` as (part of) its system message.
+
+        Returns ``body`` itself, the same object, when the format has nowhere to put it.
+        """
 
     def reader(self, stream: bool) -> ReplyReader: ...

@@ -1,7 +1,9 @@
 """A custom JSON chat API, described by where its fields are: ``{"message": "..."}`` -> ``{"reply": "..."}``.
 
 Paths are dotted (``"input.text"``). Blocked requests are answered in the app's own shape, with the
-refusal at the reply path, so the app's clients need no change.
+refusal at the reply path, so the app's clients need no change. Such an API has no system message, so
+layer 2 adds no instruction to its requests; a reply that starts with the refusal sentence (the app's
+own prompt may use it) is still recognised in the log.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class JSONFields:
     def refusal_stream(self, conversation: Conversation, refusal: str, id: str) -> Iterator[bytes]:
         """This format does not stream: the refusal is one JSON body."""
         yield self.refusal(conversation, refusal, id)
+
+    def inject(self, conversation: Conversation, body: bytes, instruction: str) -> bytes:
+        """The body unchanged: the app builds its own prompt, and this format has no place for one."""
+        return body
 
     def reader(self, stream: bool) -> ReplyReader:
         """Reads the reply text at the reply path."""

@@ -2,8 +2,9 @@
 
 The only module that knows this format. It extracts the last user message (a string, or a list of
 parts whose text parts are joined) and the user turn before it, writes a blocked request's answer as a
-``chat.completion`` or as a stream of ``chat.completion.chunk`` events, and reads the reply's text and
-usage back out of a relayed response for the interaction log, without holding the response up.
+``chat.completion`` or as a stream of ``chat.completion.chunk`` events, adds layer 2's instruction to a
+passed request's system message, and reads the reply's text and usage back out of a relayed response
+for the interaction log, without holding the response up.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from guardrail.protocols.base import BadRequest, Conversation, ReplyReader
 MAX_REPLY_CHARS = 16_384
 # A non-streamed reply larger than this is relayed but not parsed for the log.
 MAX_PARSED_BYTES = 4 * 2**20
+# The roles whose message sets the model's behaviour ("developer" is the newer models' name for it).
+SYSTEM_ROLES = frozenset({"system", "developer"})
 
 
 class OpenAIChat:
@@ -52,7 +55,31 @@ class OpenAIChat:
             stream=stream,
             model=model if isinstance(model, str) else None,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            payload=payload,
         )
+
+    def inject(self, conversation: Conversation, body: bytes, instruction: str) -> bytes:
+        """The body with ``instruction`` added to its first system (or developer) message, or as a new
+        system message first when it has none."""
+        payload = conversation.payload if conversation.payload is not None else parse_json_object(body)
+        if not isinstance(payload.get("messages"), list):
+            return body  # not a chat request: parse would have refused it
+        # Copies, not edits: the parsed payload stays what the client sent.
+        messages = list(payload["messages"])
+        first = next(
+            (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") in SYSTEM_ROLES), None
+        )
+        merged = _merged(messages[first], instruction) if first is not None else None
+        if first is not None and merged is not None:
+            messages[first] = merged
+        else:
+            messages.insert(0, {"role": "system", "content": instruction})
+        try:
+            return orjson.dumps({**payload, "messages": messages})
+        except orjson.JSONEncodeError:
+            # orjson reads deeper nesting than it writes (254 levels): such a body goes on as it came,
+            # without layer 2, rather than being refused for a limit the client never heard of.
+            return body
 
     def refusal(self, conversation: Conversation, refusal: str, id: str) -> bytes:
         """A complete ``chat.completion`` answering with the refusal sentence."""
@@ -131,6 +158,19 @@ def content_text(content: Any, where: str) -> str:
             texts.append(text)
     # Images, audio and files are not judged: the guard is a text model.
     return "\n".join(texts)
+
+
+def _merged(message: dict[str, Any], instruction: str) -> dict[str, Any] | None:
+    """A system message with the instruction after the owner's text, or None when its content is
+    neither text nor parts (the upstream will say what is wrong with it)."""
+    content = message.get("content")
+    if content is None or (isinstance(content, str) and not content.strip()):
+        return {**message, "content": instruction}
+    if isinstance(content, str):
+        return {**message, "content": f"{content}\n\n{instruction}"}
+    if isinstance(content, list):
+        return {**message, "content": [*content, {"type": "text", "text": instruction}]}
+    return None
 
 
 def error_body(message: str, type: str, code: str | int | None = None) -> bytes:
