@@ -197,6 +197,8 @@ class Gate:
             "threshold": round(verdict.threshold, 6) if verdict else None,
             "similarity_score": _rounded(verdict.similarity_score) if verdict else None,
             "classifier_score": _rounded(verdict.classifier_score) if verdict else None,
+            "classifier": verdict.classifier if verdict else None,
+            "sentence": verdict.sentence if verdict else None,
             "nearest_scenario": verdict.scenario if verdict else None,
             "followup": verdict.followup if verdict else False,
             "used_context": verdict.context if verdict else False,

@@ -24,6 +24,7 @@ current model in place.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from guardrail.layers.similarity import SimilarityLayer
 from guardrail.models import DEFAULT_MODEL
 from guardrail.scenario import ScenarioDocument, load_scenario
 from guardrail.settings import Settings
+
+logger = logging.getLogger("guardrail")
 
 Layer = Literal["similarity", "classifier"]
 
@@ -69,6 +72,7 @@ class Verdict:
     # Each layer's own score, whichever decided: layer 1's always, layer 3's probability when loaded.
     similarity_score: float | None = None
     classifier_score: float | None = None
+    classifier: str | None = None  # the layer-3 model's name, when one was in force
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class Guard:
         self._cache: OrderedDict[str, Verdict] = OrderedDict()
         self._lock = threading.Lock()
         self._classifier = classifier
+        # Bumped by each reload: a decision made across one is not cached (it may be the old model's).
+        self._generation = 0
 
     @classmethod
     def load(
@@ -127,6 +133,12 @@ class Guard:
             raise ConfigError(
                 "no scenario document: give --scenario, GUARDRAIL_SCENARIO or scenario = in --config"
             )
+        classifier = settings.classifier
+        if classifier is not None and not classifier.exists():
+            # The learning loop's first run: `guardrail retrain` writes it later, and the server's
+            # watcher loads it then. Anything wrong with a file that is there stops the start.
+            logger.warning("classifier %s does not exist yet: layer 1 decides until it does", classifier)
+            classifier = None
         return cls.load(
             scenario,
             model=settings.model,
@@ -135,7 +147,7 @@ class Guard:
             target_pass=settings.target_pass,
             threshold=settings.threshold,
             cache_size=settings.cache_size,
-            classifier=settings.classifier,
+            classifier=classifier,
             classifier_threshold=settings.classifier_threshold,
         )
 
@@ -164,6 +176,7 @@ class Guard:
         with self._lock:
             self._classifier = classifier
             self._cache.clear()
+            self._generation += 1
         return classifier
 
     def check(self, text: str) -> Verdict:
@@ -209,6 +222,7 @@ class Guard:
         verdicts: list[Verdict | None] = [None] * len(keys)
         missing: dict[str, list[int]] = {}
         with self._lock:
+            generation = self._generation
             for i, key in enumerate(keys):
                 hit = self._cache.get(key)
                 if hit is not None:
@@ -222,7 +236,8 @@ class Guard:
                 for key, verdict in zip(missing, fresh, strict=True):
                     for i in missing[key]:
                         verdicts[i] = verdict
-                    self._cache[key] = verdict
+                    if generation == self._generation:
+                        self._cache[key] = verdict
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return [v for v in verdicts if v is not None]
@@ -265,6 +280,7 @@ class Guard:
                     followup=bool(followup and not allowed),
                     similarity_score=float(score),
                     classifier_score=float(p),
+                    classifier=classifier.name,
                 )
             )
         return verdicts

@@ -5,7 +5,7 @@ judged; a blocked request is answered here with the refusal and never reaches th
 passed one goes on with layer 2's instruction added to its system message (unless the ``instruction``
 setting is off, or in shadow mode: see ``Gate.instruct``). Every other method and path goes to the
 upstream unchanged (query, headers, Authorization, body, status, streaming). The proxy's own endpoints
-are ``/metrics`` and ``/healthz``.
+are ``/metrics``, ``/healthz`` and the admin endpoints under ``/guardrail/`` (see ``admin.py``).
 
 Upstream URL: the request path is appended to it, unless the upstream URL already ends with the path's
 first segments, so ``--upstream https://api.openai.com/v1`` and ``--upstream https://api.openai.com``
@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from guardrail.admin import admin_routes, watching
 from guardrail.asgi import ClientLeft, ClientWatch, guard_failed, read_body, refuse, respond, route_path
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
@@ -75,7 +76,9 @@ def create_app(
         if log is not None:
             log.start()
         try:
-            yield
+            # The classifier watcher and SIGHUP (see guardrail/admin.py), for the app's lifetime.
+            async with watching(guard, settings):
+                yield
         finally:
             # What was passed in belongs to the caller; what was made here is closed here.
             if owns_upstream:
@@ -88,6 +91,8 @@ def create_app(
     routes = [
         Route("/metrics", proxy.metrics, methods=["GET"]),
         Route("/healthz", proxy.healthz, methods=["GET"]),
+        # Before the catch-all, so nothing under /guardrail/ is ever sent upstream.
+        *admin_routes(gate, settings),
         Route("/{path:path}", proxy.passthrough, methods=METHODS),
     ]
     app = _ProxyApp(routes=routes, lifespan=lifespan)

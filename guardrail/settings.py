@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +69,7 @@ class Settings:
     encoder_workers: int = 2
     max_batch: int = 32
     # The token for POST /guardrail/feedback and /guardrail/reload; unset, those endpoints are off.
-    admin_token: str | None = None
+    admin_token: str | None = field(default=None, repr=False)  # a secret: never in logs or reprs
     # The interaction log; an empty path turns it off.
     log_path: Path | None = Path("interactions.jsonl")
     log_max_bytes: int = 100 * 2**20

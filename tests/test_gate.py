@@ -35,6 +35,8 @@ RECORD_KEYS = {
     "used_context",
     "similarity_score",
     "classifier_score",
+    "classifier",
+    "sentence",
     "upstream",
     "reply",
     "instruction",

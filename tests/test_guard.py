@@ -9,9 +9,11 @@ import pytest
 
 from guardrail import Guard, Verdict, parse_scenario
 from guardrail.encoder import Encoder
-from guardrail.errors import ConfigError, ScenarioError
+from guardrail.errors import ConfigError, ModelError, ScenarioError
 from guardrail.guard import Query
+from guardrail.settings import Settings
 
+from classifiers import write_classifier
 from samples import OFF_TOPIC, ON_TOPIC, VIEWING
 
 
@@ -329,3 +331,55 @@ def test_judge_many_without_follow_ups_calls_the_encoder_once(guard: Guard) -> N
 
 def test_judge_many_empty(guard: Guard) -> None:
     assert guard.judge_many([]) == []
+
+
+# Layer 3 ------------------------------------------------------------------------------------------
+
+
+def test_a_configured_classifier_that_does_not_exist_yet_leaves_layer_1_deciding(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(cache_dir=model_cache, classifier=tmp_path / "later.onnx")
+    with caplog.at_level("WARNING", logger="guardrail"):
+        guard = Guard.from_settings(settings, real_estate_path)
+    assert guard.classifier is None
+    assert guard.check(ON_TOPIC[0]).layer == "similarity"
+    assert "does not exist yet" in caplog.text
+
+
+def test_a_broken_classifier_file_stops_the_start(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=model_cache)
+    broken = tmp_path / "broken.onnx"
+    write_classifier(broken, guard)
+    broken.write_bytes(b"not a model")  # the card beside it is fine
+    with pytest.raises(ModelError, match="onnxruntime cannot load it"):
+        Guard.from_settings(Settings(cache_dir=model_cache, classifier=broken), real_estate_path)
+
+
+def test_with_a_classifier_it_decides_and_layer_1_keeps_its_blocks(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=model_cache)
+    write_classifier(tmp_path / "m.onnx", guard)
+    guard.reload(tmp_path / "m.onnx")
+    on, off = guard.check(ON_TOPIC[0]), guard.check(OFF_TOPIC[0])
+    assert on.allowed and on.layer == "classifier" and on.classifier == "m"
+    assert on.score == on.classifier_score and on.threshold == 0.5
+    assert on.similarity_score is not None and on.similarity_score >= guard.threshold
+    # Layer 1 blocks it too, so the block is layer 1's.
+    assert not off.allowed and off.layer == "similarity"
+    assert off.similarity_score is not None and off.similarity_score < guard.threshold
+
+
+def test_a_reload_drops_the_cached_decisions_of_the_old_model(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=model_cache)
+    write_classifier(tmp_path / "m.onnx", guard)
+    guard.reload(tmp_path / "m.onnx")
+    assert guard.check(ON_TOPIC[0]).allowed
+    write_classifier(tmp_path / "m.onnx", guard, inverted=True)
+    guard.reload()  # the same path again
+    assert not guard.check(ON_TOPIC[0]).allowed

@@ -118,3 +118,6 @@ def test_the_proxy_refuses_a_smuggled_request(proxy: ProxyServer, fake_upstream:
     assert raw.headers["x-guardrail-verdict"] == "blocked"
     assert raw.parse().choices[0].message.content == proxy.settings.refusal
     assert fake_upstream.requests == []
+    record = proxy.record(raw.headers["x-guardrail-id"])
+    assert record["verdict"] == "blocked"
+    assert record["sentence"] == "Also, can you write me a poem about cats?"

@@ -722,6 +722,7 @@ class _BrokenGuard:
 
     def __init__(self, guard: Guard) -> None:
         self.document = guard.document
+        self.classifier = None
 
     def judge_many(self, queries: object) -> list[object]:
         raise RuntimeError("the encoder broke")
