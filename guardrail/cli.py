@@ -1,4 +1,4 @@
-"""The ``guardrail`` command: serve | check | eval | export-model."""
+"""The ``guardrail`` command: serve | check | eval | retrain | export-model."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from guardrail.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 error)."""
+    """Run the command line; returns the exit code (0 ok, 1 model not promoted, 2 error)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -77,7 +77,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object")
     evaluate.add_argument("--plot", type=Path, metavar="PNG", help="write a ROC curve to this PNG file")
+    evaluate.add_argument(
+        "--classifier", type=Path, metavar="ONNX", help="decide with this layer-3 classifier"
+    )
     evaluate.set_defaults(run=_eval)
+
+    retrain = commands.add_parser(
+        "retrain", help="train a layer-3 classifier from interaction logs and labelled data"
+    )
+    retrain.add_argument(
+        "--logs",
+        required=True,
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help='interaction logs (with their rotated backups) or JSONL rows {"text": str, "on_topic": bool}',
+    )
+    retrain.add_argument("--scenario", required=True, type=Path, help="the scenario document (Markdown)")
+    retrain.add_argument(
+        "--out", required=True, type=Path, help="the classifier to write, e.g. classifiers/NAME.onnx"
+    )
+    retrain.add_argument("--seed", type=int, default=0, help="seeds the split and the fit (default 0)")
+    retrain.add_argument("--holdout", type=float, default=0.2, help="share held back (default 0.2)")
+    retrain.add_argument(
+        "--target-pass", type=float, help="on-topic pass rate to set the threshold for (default 0.95)"
+    )
+    retrain.add_argument("--force", action="store_true", help="promote the new model even if it is worse")
+    retrain.add_argument("--quiet", action="store_true", help="no progress bars")
+    retrain.add_argument("--model", help="encoder: directory, installed model package or hub name")
+    retrain.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
+    retrain.add_argument("--threads", type=int, help="encoder threads (default: the cores, up to 4)")
+    retrain.set_defaults(run=_retrain)
 
     export = commands.add_parser("export-model", help="export the encoder to ONNX into the cache")
     export.add_argument("--model", help="directory, installed model package or hub name")
@@ -112,6 +142,7 @@ def _load_guard(args: argparse.Namespace) -> Any:
         threshold=args.threshold,
         target_pass=args.target_pass,
         threads=args.threads,
+        classifier=getattr(args, "classifier", None),
     )
     return Guard.from_settings(settings, args.scenario)
 
@@ -205,26 +236,96 @@ def _eval(args: argparse.Namespace) -> int:
 
     data = load_labelled(args.data)
     guard = _load_guard(args)
+    classifier = guard.classifier
+    # With a classifier the scores are its probabilities, and its threshold decides.
+    threshold = guard.threshold if classifier is None else classifier.threshold
     scores = np.array([v.score for v in guard.check_many(data.texts)], dtype=np.float64)
-    result = report(scores, data.on_topic, guard.threshold)
+    result = report(scores, data.on_topic, threshold)
     if args.plot:
-        plot_roc(scores, data.on_topic, guard.threshold, args.plot, title=guard.document.title)
+        plot_roc(scores, data.on_topic, threshold, args.plot, title=guard.document.title)
     if args.json:
-        sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
+        row = result.as_dict()
+        if classifier is not None:
+            row["classifier"] = {
+                "path": str(classifier.path),
+                "name": classifier.name,
+                "threshold": classifier.threshold,
+                "created": classifier.card.get("created"),
+            }
+        sys.stdout.write(orjson.dumps(row).decode() + "\n")
         return 0
     print(f"scenario   {args.scenario} ({guard.document.title})")
+    if classifier is not None:
+        print(f"classifier {classifier.path} (layer 3 decides; its threshold is from its card)")
     print(f"data       {args.data}: {result.n_on} on-topic, {result.n_off} off-topic")
     print(f"AUROC      {result.auroc:.4f}")
     print(f"at 95% on-topic pass: {result.block_rate_at_pass_95:.1%} of off-topic blocked")
     print(f"at 5% off-topic leak: {result.pass_rate_at_leak_5:.1%} of on-topic passed")
     source = guard.similarity.calibration.source
     origin = "as set" if source == "setting" else f"calibrated from the {source}"
+    if classifier is not None:
+        origin = "the classifier's"
     print(
         f"threshold  {result.threshold:+.4f} ({origin}): "
         f"{result.pass_rate:.1%} on-topic passed, {result.block_rate:.1%} off-topic blocked"
     )
     if args.plot:
         print(f"ROC curve written to {args.plot}")
+    return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from guardrail.guard import Guard
+    from guardrail.training import retrain
+
+    # A batch job: unlike the server, it gains from the encoder using every core.
+    threads = args.threads if args.threads is not None else min(4, os.cpu_count() or 1)
+    settings = Settings.load(
+        model=args.model, cache_dir=args.cache_dir, target_pass=args.target_pass, threads=threads
+    )
+    guard = Guard.load(
+        args.scenario,
+        model=settings.model,
+        cache_dir=settings.cache_path,
+        threads=settings.threads,
+        target_pass=settings.target_pass,
+        threshold=settings.threshold,
+    )
+    result = retrain(
+        guard,
+        args.logs,
+        args.out,
+        seed=args.seed,
+        holdout=args.holdout,
+        target_pass=settings.target_pass,
+        force=args.force,
+        refusal=settings.refusal,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    data = result.data
+    on = sum(label.on_topic for label in data.labels)
+    skipped = ", ".join(f"{n} {reason}" for reason, n in data.skipped.items()) or "none"
+    sources = ", ".join(f"{source} {n}" for source, n in data.sources().items())
+    print(
+        f"examples   {len(data.labels)}: {on} on-topic, {len(data.labels) - on} off-topic "
+        f"(labels: {sources}); {data.duplicates} duplicates merged, {data.conflicts} in conflict"
+    )
+    print(f"skipped    {skipped}")
+    if result.previous_note:
+        print(f"note       {result.previous_note}")
+    print(f"held back  compared on {result.evaluated_on}, at {settings.target_pass:.0%} on-topic passed:")
+    for metrics in (result.new, result.previous):
+        print(f"  {metrics.name:12s} AUROC {metrics.auroc:.4f}, blocks {metrics.block_rate:.1%} of off-topic")
+    print(
+        f"threshold  {result.threshold:.4f} (out-of-fold): passes {result.pass_rate:.1%} "
+        "of held-back on-topic"
+    )
+    if result.reason is not None and not result.promoted:
+        print(f"guardrail: not promoted: {result.reason}", file=sys.stderr)
+        return 1
+    if result.reason is not None:
+        print(f"forced     {result.reason.split(';')[0]}")
+    print(f"wrote      {args.out} and its card {args.out.with_suffix('.json')}")
     return 0
 
 

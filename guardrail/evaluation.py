@@ -1,4 +1,7 @@
-"""Evaluate a guard on labelled messages: ranking quality and the operating point's pass and block rates."""
+"""Evaluate a guard on labelled messages: ranking quality and the operating point's pass and block rates.
+
+Also the seeded, stratified splits `guardrail retrain` compares models on.
+"""
 
 from __future__ import annotations
 
@@ -114,6 +117,49 @@ def report(scores: Scores, on_topic: NDArray[np.bool_], threshold: float) -> Eva
         n_on=len(on),
         n_off=len(off),
     )
+
+
+def stratified_split(
+    on_topic: NDArray[np.bool_], fraction: float, seed: int
+) -> tuple[NDArray[np.intp], NDArray[np.intp]]:
+    """Indices of the examples to train on and to hold back: ``fraction`` of each label, seeded."""
+    rng = np.random.default_rng(seed)
+    held: list[NDArray[np.intp]] = []
+    for value in (False, True):
+        members = rng.permutation(np.flatnonzero(on_topic == value))
+        held.append(members[: round(fraction * len(members))])
+    holdout = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(on_topic)), holdout), holdout
+
+
+def stratified_folds(on_topic: NDArray[np.bool_], folds: int, seed: int) -> NDArray[np.intp]:
+    """Each example's fold, dealt out label by label in a seeded order."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(on_topic), dtype=np.intp)
+    for value in (False, True):
+        members = rng.permutation(np.flatnonzero(on_topic == value))
+        fold[members] = np.arange(len(members)) % folds
+    return fold
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """How well one model ranks the held-back examples."""
+
+    name: str
+    auroc: float
+    block_rate: float  # of off-topic, at the threshold that passes target_pass of on-topic
+
+    def as_dict(self) -> dict[str, Any]:
+        """For the model card."""
+        return {"name": self.name, "auroc": self.auroc, "block_rate_at_target_pass": self.block_rate}
+
+
+def measure(name: str, scores: NDArray[Any], on_topic: NDArray[np.bool_], target_pass: float) -> Metrics:
+    """AUROC and block rate at ``target_pass`` of ``scores`` (higher is more on topic)."""
+    on, off = scores[on_topic].astype(np.float64), scores[~on_topic].astype(np.float64)
+    cut = threshold_for_pass(on, target_pass)
+    return Metrics(name, auroc(on, off), float(np.mean(off < cut)))
 
 
 def plot_roc(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,17 @@ def test_a_reload_drops_the_cached_decisions_of_the_old_model(
     write_classifier(tmp_path / "m.onnx", guard, inverted=True)
     guard.reload()  # the same path again
     assert not guard.check(ON_TOPIC[0]).allowed
+
+
+def test_a_card_for_another_model_file_is_refused_and_the_current_model_stays(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=model_cache)
+    write_classifier(tmp_path / "m.onnx", guard)
+    first = guard.reload(tmp_path / "m.onnx")
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["model_sha256"] = "0" * 64  # as if the card were renamed in before its model
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="another model file"):
+        guard.reload()
+    assert guard.classifier is first

@@ -18,6 +18,7 @@ that does not load or answer. The running guard then keeps the model it has (see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Classifier:
         path = Path(path)
         try:
             stat = os.stat(path)
+            data = path.read_bytes()
             card = json.loads(card_path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ModelError(f"classifier {path}: {exc.filename} does not exist") from exc
@@ -62,6 +64,11 @@ class Classifier:
             raise ModelError(f"classifier {path}: cannot read its model card: {exc}") from exc
         if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
             raise ModelError(f"classifier {path}: the model card is not a {CARD_FORMAT} card")
+        digest = card.get("model_sha256")
+        if digest is not None and digest != hashlib.sha256(data).hexdigest():
+            # A reload that lands between `guardrail retrain`'s two renames sees a new card beside the
+            # old model (or the reverse): refused, and loaded once both are in place.
+            raise ModelError(f"classifier {path}: its model card is for another model file (mid-update?)")
         if card.get("encoder") != encoder_id:
             raise ModelError(
                 f"classifier {path} was trained on the embeddings of {card.get('encoder')}, "
@@ -80,7 +87,8 @@ class Classifier:
         options.intra_op_num_threads = 1  # microseconds of work: more threads would only spin
         options.inter_op_num_threads = 1
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            # From the bytes read (and hashed) above, not the path: the file may be replaced meanwhile.
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"classifier {path}: onnxruntime cannot load it: {exc}") from exc
         classifier = cls(path, card, float(threshold), session, (stat.st_mtime_ns, stat.st_size))
