@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--target-pass", type=float, help="on-topic pass rate to calibrate for (default 0.95)")
     serve.add_argument("--threads", type=int, help="encoder threads per worker (default 1)")
     serve.add_argument(
+        "--classifier", type=Path, help="a layer-3 model from `guardrail retrain` (reloaded when it changes)"
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     serve.add_argument(
@@ -174,6 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
             "threshold",
             "target_pass",
             "threads",
+            "classifier",
         )
     }
     settings = Settings.load(config=args.config, **flags)

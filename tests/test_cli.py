@@ -13,8 +13,10 @@ import pytest
 import uvicorn
 
 from guardrail.cli import main
+from guardrail.guard import Guard
 from guardrail.models import DEFAULT_MODEL, content_key, resolve_model
 
+from classifiers import write_classifier
 from samples import OFF_TOPIC, ON_TOPIC, REPORT_KEYS, VIEWING
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -111,6 +113,20 @@ def test_serve_defaults(
     assert gate.log is not None
     assert gate.log.path == log
     assert not log.exists()  # the log opens with the app's lifespan, not before
+
+
+def test_serve_loads_a_classifier_from_its_flag(
+    cache_env: Path, real_estate_path: Path, served: list[uvicorn.Config], tmp_path: Path
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=cache_env)
+    write_classifier(tmp_path / "bot.onnx", guard, threshold=0.3)
+    assert (
+        main(serve_args(real_estate_path, "--log-path", "", "--classifier", str(tmp_path / "bot.onnx"))) == 0
+    )
+    [config] = served
+    classifier = config.app.state.gate.guard.classifier
+    assert classifier is not None
+    assert (classifier.name, classifier.threshold) == ("bot", 0.3)
 
 
 def test_serve_merges_flags_environment_and_toml(
