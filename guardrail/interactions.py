@@ -272,6 +272,12 @@ def log_files(path: Path | str) -> list[Path]:
 
 def read_interactions(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
     """Yield the records of JSONL logs in order; blank lines and a torn last line are skipped."""
+    for _, _, record in read_records(paths):
+        yield record
+
+
+def read_records(paths: Iterable[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """``read_interactions`` with each record's file and line number, for messages about it."""
     for path in paths:
         try:
             file = open(path, "rb")  # noqa: SIM115 - closed by the with below
@@ -290,4 +296,4 @@ def read_interactions(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
                     raise DataError(f"invalid JSON: {exc}", str(path), number) from exc
                 if not isinstance(record, dict):
                     raise DataError(f"expected a JSON object, got {type(record).__name__}", str(path), number)
-                yield record
+                yield path, number, record

@@ -47,14 +47,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 from numpy.typing import NDArray
 from tqdm import tqdm  # a dependency of huggingface-hub
 
 from guardrail.errors import ConfigError, DataError, MissingExtraError, ModelError
 from guardrail.evaluation import Metrics, measure, stratified_folds, stratified_split, threshold_for_pass
 from guardrail.guard import Guard
-from guardrail.interactions import log_files
+from guardrail.interactions import log_files, read_records
 from guardrail.layers.classifier import CARD_FORMAT, Classifier, card_path
 from guardrail.layers.instruction import RefusalDetector
 from guardrail.layers.similarity import FEATURE_NAMES
@@ -177,24 +176,7 @@ def _rows(paths: Sequence[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
         files = log_files(given)
         if not files:
             raise DataError("no such file", str(given))
-        for path in files:
-            try:
-                file = open(path, "rb")  # noqa: SIM115 - closed by the with below
-            except OSError as exc:
-                raise DataError(f"cannot read it: {exc.strerror}", str(path)) from exc
-            with file:
-                for number, line in enumerate(file, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = orjson.loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        if not line.endswith(b"\n"):  # only a log's last write, cut short, lacks one
-                            continue
-                        raise DataError(f"not valid JSON: {exc}", str(path), number) from exc
-                    if not isinstance(row, dict):
-                        raise DataError("each line must be a JSON object", str(path), number)
-                    yield path, number, row
+        yield from read_records(files)
 
 
 def _bool(row: dict[str, Any], path: Path, number: int) -> bool:

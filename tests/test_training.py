@@ -228,8 +228,8 @@ def test_deduplicate_prefers_weight_then_the_most_recent() -> None:
         ('{"text": "", "on_topic": true}', '"text" must be a non-empty string'),
         ('{"text": "rent", "on_topic": "yes"}', '"on_topic" must be true or false'),
         ('{"type": "feedback", "id": "gr-1", "on_topic": null}', '"on_topic" must be true or false'),
-        ("[1, 2]", "each line must be a JSON object"),
-        ("{nope}\n", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ("{nope}\n", "invalid JSON"),
     ],
 )
 def test_bad_rows_name_the_file_and_line(tmp_path: Path, line: str, message: str) -> None:
