@@ -173,6 +173,15 @@ class Guard:
                 raise ConfigError("no classifier to reload: give its path")
             path = current.path
         classifier = Classifier.load(path, self.encoder.id, self.encoder.dim, threshold)
+        trained = classifier.card.get("scenario")
+        digest = trained.get("digest") if isinstance(trained, dict) else None
+        if digest and self.document.digest and digest != self.document.digest:
+            # Layer 1's features, part of its input, move with the document: it still runs, but it
+            # was fitted to other numbers. Loading anyway keeps a server up after an edit.
+            logger.warning(
+                "classifier %s was trained with another version of the scenario document: retrain it",
+                classifier.name,
+            )
         with self._lock:
             self._classifier = classifier
             self._cache.clear()

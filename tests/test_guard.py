@@ -398,3 +398,22 @@ def test_a_card_for_another_model_file_is_refused_and_the_current_model_stays(
     with pytest.raises(ModelError, match="another model file"):
         guard.reload()
     assert guard.classifier is first
+
+
+def test_a_classifier_for_another_version_of_the_document_loads_with_a_warning(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=model_cache)
+    write_classifier(tmp_path / "m.onnx", guard)
+    card = json.loads((tmp_path / "m.json").read_text())
+    card["scenario"] = {"name": "real_estate", "digest": "0" * 16}  # trained before an edit
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with caplog.at_level("WARNING", logger="guardrail"):
+        assert guard.reload(tmp_path / "m.onnx").name == "m"
+    assert "another version of the scenario document" in caplog.text
+    caplog.clear()
+    card["scenario"]["digest"] = guard.document.digest
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with caplog.at_level("WARNING", logger="guardrail"):
+        guard.reload()
+    assert "another version" not in caplog.text
