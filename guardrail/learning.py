@@ -1,6 +1,6 @@
 """The layer-3 model: how it is fitted to labelled features, and written as ONNX.
 
-Training only (scikit-learn and the ``onnx`` package come with the ``train`` extra); the server runs the
+Training only (scikit-learn and skl2onnx come with the ``train`` extra); the server runs the
 ONNX file with onnxruntime alone (``guardrail/layers/classifier.py``). ``fit`` takes the features layer 1
 hands over (``Scored.features``: the embedding, then ``similarity.FEATURE_NAMES``), the labels (True: on
 topic) and a weight per example, and is deterministic for a given ``seed``.
@@ -31,7 +31,8 @@ logistic regression on the features, to 0.994 / 97.8%, and with 3,000 labels fro
   bots every C from 0.3 to 3 gave the same mean AUROC, and choosing C by inner cross-validation on the
   labelled set did no better, so the default stays.
 
-The ONNX graph is written here rather than by skl2onnx: one matrix product against the bank (zero rows
+The ONNX graph is written here, by the same small writer as layer 1's (``layers/onnx_graph.py``), rather
+than by skl2onnx: one matrix product against the bank (zero rows
 for the five layer-1 columns, so no slicing), the pools, and the logistic regression with the
 standardization folded into its weights. Its outputs are those skl2onnx gives with ``zipmap=False``:
 ``label`` (N,) int64 and ``probabilities`` (N, 2), off topic then on topic.
@@ -46,6 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guardrail.errors import MissingExtraError
+from guardrail.layers import onnx_graph as g
 
 BANK = 1024  # labelled examples the model compares each message with (see the module docstring)
 TAU = 10.0  # the pool's temperature: layer 1's (similarity.TAU)
@@ -236,10 +238,6 @@ def to_onnx(model: Any, n_features: int) -> bytes:
 
 
 def _topic_onnx(model: TopicModel, n_features: int) -> bytes:
-    try:
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError as exc:
-        raise MissingExtraError("exporting a classifier needs onnx: pip install 'guardrail[train]'") from exc
     if n_features != model.n_features:
         raise ValueError(f"the model takes {model.n_features} features, not {n_features}")
     n_on, n_bank = model.n_on, len(model.bank)
@@ -251,39 +249,39 @@ def _topic_onnx(model: TopicModel, n_features: int) -> bytes:
     def logsumexp(x: NDArray[np.float32]) -> float:
         return float(np.log(np.exp(x.astype(np.float64) - x.max()).sum()) + x.max())
 
-    def const(name: str, value: Any, dtype: type = np.float32) -> Any:
-        return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+    def const(value: Any, dtype: type = np.float32) -> Any:
+        return np.asarray(value, dtype=dtype)
 
-    initializers = [
-        const("bank", against),
-        const("tau", model.tau),
-        const("log_w_on", lw_on.reshape(1, -1)),
-        const("log_w_off", lw_off.reshape(1, -1)),
-        const("norm_on", logsumexp(lw_on)),
-        const("norm_off", logsumexp(lw_off)),
-        const("on_start", [0], np.int64),
-        const("on_end", [n_on], np.int64),
-        const("off_start", [n_on], np.int64),
-        const("off_end", [n_bank], np.int64),
-        const("axis_1", [1], np.int64),
-        const("coef", model.coef.reshape(-1, 1)),
-        const("extra_coef", model.extra_coef.reshape(-1, 1)),
-        const("intercept", model.intercept),
-        const("one", 1.0),
-        const("zero", 0.0),
-        const("flat", [-1], np.int64),
-    ]
-    n = helper.make_node
+    constants = {
+        "bank": const(against),
+        "tau": const(model.tau),
+        "log_w_on": const(lw_on.reshape(1, -1)),
+        "log_w_off": const(lw_off.reshape(1, -1)),
+        "norm_on": const(logsumexp(lw_on)),
+        "norm_off": const(logsumexp(lw_off)),
+        "on_start": const([0], np.int64),
+        "on_end": const([n_on], np.int64),
+        "off_start": const([n_on], np.int64),
+        "off_end": const([n_bank], np.int64),
+        "axis_1": const([1], np.int64),
+        "coef": const(model.coef.reshape(-1, 1)),
+        "extra_coef": const(model.extra_coef.reshape(-1, 1)),
+        "intercept": const(model.intercept),
+        "one": const(1.0),
+        "zero": const(0.0),
+        "flat": const([-1], np.int64),
+    }
+    n = g.node
     nodes = [n("MatMul", ["features", "bank"], ["cosines"])]
     for side in ("on", "off"):
         nodes += [
             n("Slice", ["cosines", f"{side}_start", f"{side}_end", "axis_1"], [f"c_{side}"]),
             n("Mul", [f"c_{side}", "tau"], [f"t_{side}"]),
             n("Add", [f"t_{side}", f"log_w_{side}"], [f"z_{side}"]),
-            n("ReduceLogSumExp", [f"z_{side}"], [f"lse_{side}"], axes=[1], keepdims=1),
+            n("ReduceLogSumExp", [f"z_{side}", "axis_1"], [f"lse_{side}"], keepdims=1),
             n("Sub", [f"lse_{side}", f"norm_{side}"], [f"s_{side}"]),
             n("Div", [f"s_{side}", "tau"], [f"pool_{side}"]),
-            n("ReduceMax", [f"c_{side}"], [f"max_{side}"], axes=[1], keepdims=1),
+            n("ReduceMax", [f"c_{side}", "axis_1"], [f"max_{side}"], keepdims=1),
         ]
     nodes += [
         n("Sub", ["pool_on", "pool_off"], ["ratio"]),
@@ -296,21 +294,13 @@ def _topic_onnx(model: TopicModel, n_features: int) -> bytes:
         n("Sub", ["one", "p_on"], ["p_off"]),
         n("Concat", ["p_off", "p_on"], ["probabilities"], axis=1),
         n("Greater", ["logit", "zero"], ["above"]),
-        n("Cast", ["above"], ["label_column"], to=TensorProto.INT64),
+        n("Cast", ["above"], ["label_column"], to=g.INT64),
         n("Reshape", ["label_column", "flat"], ["label"]),
     ]
-    graph = helper.make_graph(
-        nodes,
+    return g.model(
         "guardrail-classifier",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, n_features])],
-        [
-            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2]),
-        ],
-        initializers,
+        nodes,
+        inputs=[g.value_info("features", g.FLOAT, ["N", n_features])],
+        outputs=[g.value_info("label", g.INT64, ["N"]), g.value_info("probabilities", g.FLOAT, ["N", 2])],
+        initializers=[g.tensor(name, value) for name, value in constants.items()],
     )
-    onnx_model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="guardrail"
-    )
-    onnx_model.ir_version = 8
-    return bytes(onnx_model.SerializeToString())
