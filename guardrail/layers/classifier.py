@@ -49,6 +49,7 @@ class Classifier:
     threshold: float
     session: ort.InferenceSession
     stamp: tuple[int, int]  # the file's (mtime_ns, size) when loaded, to notice a new one
+    input: str  # the graph's input name, read once: get_inputs() builds a list at every call
 
     @classmethod
     def load(cls, path: Path | str, encoder_id: str, dim: int, threshold: float | None = None) -> Classifier:
@@ -91,7 +92,8 @@ class Classifier:
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"classifier {path}: onnxruntime cannot load it: {exc}") from exc
-        classifier = cls(path, card, float(threshold), session, (stat.st_mtime_ns, stat.st_size))
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        classifier = cls(path, card, float(threshold), session, stamp, session.get_inputs()[0].name)
         try:
             probe = classifier.predict(np.zeros((2, width), np.float32))
         except Exception as exc:
@@ -107,8 +109,7 @@ class Classifier:
 
     def predict(self, features: NDArray[np.float32]) -> NDArray[np.float32]:
         """The probability that each message is on topic, from ``Scored.features``."""
-        name = self.session.get_inputs()[0].name
-        outputs = self.session.run(None, {name: np.ascontiguousarray(features, dtype=np.float32)})
+        outputs = self.session.run(None, {self.input: np.ascontiguousarray(features, dtype=np.float32)})
         # skl2onnx with zipmap=False: (labels, probabilities), classes in order: off topic, on topic.
         probabilities = np.asarray(outputs[-1], dtype=np.float32)
         return probabilities[:, 1] if probabilities.ndim == 2 else probabilities

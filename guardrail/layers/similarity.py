@@ -196,10 +196,6 @@ class SimilarityLayer:
         return self.evaluate(vectors).followup
 
 
-# The graph's names for FEATURE_NAMES.
-_COLUMNS = ("score", "items_pool", "background_pool", "items_max", "background_max")
-
-
 def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: float) -> ort.InferenceSession:
     """The scoring graph: vectors (N, dim) in; score (N,), nearest item (N,), follow-up (N,) and
     features (N, dim + len(FEATURE_NAMES)) out.
@@ -237,7 +233,7 @@ def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: f
         g.node("Div", ["items_shifted", "tau"], ["items_pool"]),
         g.node("Sub", ["background_sum", "log_background"], ["background_shifted"]),
         g.node("Div", ["background_shifted", "tau"], ["background_pool"]),
-        g.node("Sub", ["items_pool", "background_pool"], ["score"]),
+        g.node("Sub", ["items_pool", "background_pool"], ["similarity_score"]),
         g.node("ArgMax", ["on_items"], ["nearest"], axis=1, keepdims=0),
         g.node("ReduceMax", ["on_items", "axis"], ["items_max_scaled"], keepdims=0),
         g.node("Div", ["items_max_scaled", "tau"], ["items_max"]),
@@ -249,15 +245,15 @@ def _head(items: Vectors, background: Vectors, followups: Vectors | None, tau: f
         g.node("Min", ["followup_scaled", "never"], ["followup_best"]),
         g.node("Greater", ["followup_best", "background_max_scaled"], ["followup"]),
         # Layer 3's input: the embedding, then FEATURE_NAMES as columns.
-        *(g.node("Unsqueeze", [name, "axis"], [f"{name}_column"]) for name in _COLUMNS),
-        g.node("Concat", ["vectors", *(f"{name}_column" for name in _COLUMNS)], ["features"], axis=1),
+        *(g.node("Unsqueeze", [name, "axis"], [f"{name}_column"]) for name in FEATURE_NAMES),
+        g.node("Concat", ["vectors", *(f"{name}_column" for name in FEATURE_NAMES)], ["features"], axis=1),
     ]
     graph = g.model(
         "guardrail-similarity",
         nodes,
         inputs=[g.value_info("vectors", g.FLOAT, ["N", dim])],
         outputs=[
-            g.value_info("score", g.FLOAT, ["N"]),
+            g.value_info("similarity_score", g.FLOAT, ["N"]),
             g.value_info("nearest", g.INT64, ["N"]),
             g.value_info("followup", g.BOOL, ["N"]),
             g.value_info("features", g.FLOAT, ["N", dim + len(FEATURE_NAMES)]),
