@@ -172,9 +172,13 @@ def _stamps(path: Path) -> Stamps:
 
 
 @contextlib.asynccontextmanager
-async def watching(guard: Guard, settings: Settings) -> AsyncIterator[Reloader]:
-    """While inside, reload ``guard``'s classifier when its files change and on SIGHUP."""
-    reloader = Reloader(guard, settings)
+async def watching(reloader: Reloader) -> AsyncIterator[Reloader]:
+    """While inside, reload the classifier when its files change and on SIGHUP.
+
+    Give it the ``Reloader`` the admin routes use: one record of the files in force for the process, so
+    a model loaded by ``POST /guardrail/reload`` is not loaded again by the next poll, and a file that
+    failed there is not logged again by the watcher."""
+    settings = reloader.settings
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -213,9 +217,9 @@ async def watching(guard: Guard, settings: Settings) -> AsyncIterator[Reloader]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def admin_routes(gate: Gate, settings: Settings) -> list[Route]:
+def admin_routes(gate: Gate, reloader: Reloader) -> list[Route]:
     """``/guardrail/feedback`` and ``/guardrail/reload``; place them before any catch-all route."""
-    admin = _Admin(gate, settings)
+    admin = _Admin(gate, reloader)
     # Every method is routed here, so a GET gets 405 rather than reaching a passthrough to the upstream.
     return [
         Route(FEEDBACK_PATH, admin.feedback, methods=_EVERY_METHOD),
@@ -224,10 +228,10 @@ def admin_routes(gate: Gate, settings: Settings) -> list[Route]:
 
 
 class _Admin:
-    def __init__(self, gate: Gate, settings: Settings) -> None:
+    def __init__(self, gate: Gate, reloader: Reloader) -> None:
         self.gate = gate
-        self.reloader = Reloader(gate.guard, settings)
-        token = settings.admin_token
+        self.reloader = reloader
+        token = reloader.settings.admin_token
         self._token = token.encode() if token is not None else None
 
     async def feedback(self, request: Request) -> Response:

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from guardrail.admin import admin_routes, watching
+from guardrail.admin import Reloader, admin_routes, watching
 from guardrail.asgi import ClientLeft, ClientWatch, guard_failed, read_body, refuse, respond, route_path
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
@@ -70,6 +70,7 @@ def create_app(
         log = open_log(settings)
     gate = Gate.from_settings(guard, settings, log, metrics)
     proxy = Proxy(settings, gate, upstream, protocol or OpenAIChat())
+    reloader = Reloader(guard, settings)  # one for the watcher and POST /guardrail/reload
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -77,7 +78,7 @@ def create_app(
             log.start()
         try:
             # The classifier watcher and SIGHUP (see guardrail/admin.py), for the app's lifetime.
-            async with watching(guard, settings):
+            async with watching(reloader):
                 yield
         finally:
             # What was passed in belongs to the caller; what was made here is closed here.
@@ -92,7 +93,7 @@ def create_app(
         Route("/metrics", proxy.metrics, methods=["GET"]),
         Route("/healthz", proxy.healthz, methods=["GET"]),
         # Before the catch-all, so nothing under /guardrail/ is ever sent upstream.
-        *admin_routes(gate, settings),
+        *admin_routes(gate, reloader),
         Route("/{path:path}", proxy.passthrough, methods=METHODS),
     ]
     app = _ProxyApp(routes=routes, lifespan=lifespan)

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from guardrail.admin import MAX_BODY_BYTES, admin_routes, watching
+from guardrail.admin import MAX_BODY_BYTES, Reloader, admin_routes, watching
 from guardrail.errors import ModelError
 from guardrail.gate import Gate
 from guardrail.guard import Guard, Verdict
@@ -71,10 +71,11 @@ def admin_app(gate: Gate, settings: Settings, routes: list[Route] | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with watching(gate.guard, settings):
+        async with watching(reloader):
             yield
 
-    return Starlette(routes=[*admin_routes(gate, settings), *(routes or [])], lifespan=lifespan)
+    reloader = Reloader(gate.guard, settings)
+    return Starlette(routes=[*admin_routes(gate, reloader), *(routes or [])], lifespan=lifespan)
 
 
 def error_message(response: Any) -> str:
@@ -437,7 +438,7 @@ def test_sighup_reloads_and_the_handler_is_removed_at_shutdown(
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        async with watching(fresh, Settings(reload_interval=0)):
+        async with watching(Reloader(fresh, Settings(reload_interval=0))):
             # Never send SIGHUP without a handler: its default action ends the test process.
             assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
             write_classifier(model, fresh, threshold=0.625, inverted=True)
@@ -459,7 +460,7 @@ def test_sighup_reloads_and_the_handler_is_removed_at_shutdown(
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
 def test_sighup_without_a_classifier_warns(fresh: Guard, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
-        async with watching(fresh, Settings()):
+        async with watching(Reloader(fresh, Settings())):
             assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
             os.kill(os.getpid(), signal.SIGHUP)
             for _ in range(500):
