@@ -32,12 +32,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from guardrail.asgi import error_response
 from guardrail.errors import ConfigError, ModelError
 from guardrail.gate import BodyTooLarge, Gate, check_declared_length, limited
 from guardrail.guard import Guard
 from guardrail.layers.classifier import Classifier, card_path
 from guardrail.protocols.base import BadRequest
-from guardrail.protocols.openai import error_body, parse_json_object
+from guardrail.protocols.openai import parse_json_object
 from guardrail.settings import Settings
 
 logger = logging.getLogger("guardrail.admin")
@@ -245,12 +246,12 @@ class _Admin:
         except ClientDisconnect:
             return Response(status_code=499)
         except BodyTooLarge as exc:
-            return _error(413, str(exc), "invalid_request_error")
+            return error_response(413, str(exc), "invalid_request_error")
         except BadRequest as exc:
-            return _error(400, str(exc), "invalid_request_error")
+            return error_response(400, str(exc), "invalid_request_error")
         log = self.gate.log
         if log is None:
-            return _error(
+            return error_response(
                 409, "feedback needs the interaction log, which is off: set log_path", "invalid_request_error"
             )
         record = {
@@ -262,7 +263,9 @@ class _Admin:
         }
         if not log.write(record):
             self.gate.metrics.log_dropped.inc()
-            return _error(503, "the interaction log is full or closed: try again later", "server_error")
+            return error_response(
+                503, "the interaction log is full or closed: try again later", "server_error"
+            )
         return JSONResponse({"status": "recorded", "id": id}, 202)
 
     async def reload(self, request: Request) -> Response:
@@ -273,9 +276,9 @@ class _Admin:
         try:
             classifier = await self.reloader.reload("POST /guardrail/reload")
         except ConfigError as exc:
-            return _error(409, str(exc), "invalid_request_error")
+            return error_response(409, str(exc), "invalid_request_error")
         except ModelError as exc:
-            return _error(500, f"{exc}; the current classifier stays in force", "server_error")
+            return error_response(500, f"{exc}; the current classifier stays in force", "server_error")
         return JSONResponse(
             {"status": "reloaded", "classifier": classifier.name, "threshold": classifier.threshold}
         )
@@ -283,19 +286,21 @@ class _Admin:
     def _check(self, request: Request) -> Response | None:
         """The answer to a request the admin endpoints refuse, or None to go on."""
         if self._token is None:
-            return _error(
+            return error_response(
                 404,
                 "the admin endpoints are off: set admin_token (GUARDRAIL_ADMIN_TOKEN, or admin_token "
                 "in the config file) to turn them on",
                 "not_found_error",
             )
         if request.method != "POST":
-            return _error(405, f"use POST for {request.url.path}", "invalid_request_error", {"allow": "POST"})
+            return error_response(
+                405, f"use POST for {request.url.path}", "invalid_request_error", {"allow": "POST"}
+            )
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         # Header values are latin-1 in Starlette: back to the bytes the client sent.
         given = credentials.strip().encode("latin-1")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
-            return _error(
+            return error_response(
                 401,
                 "the admin endpoints need Authorization: Bearer <admin_token>",
                 "authentication_error",
@@ -321,7 +326,3 @@ def _feedback(payload: dict[str, object]) -> tuple[str, bool]:
     if not isinstance(on_topic, bool):
         raise BadRequest("'on_topic' must be true or false")
     return id, on_topic
-
-
-def _error(status: int, message: str, type: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(error_body(message, type, status), status, headers, media_type="application/json")

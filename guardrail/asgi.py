@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from guardrail.gate import BodyTooLarge, Decision, check_declared_length
@@ -58,6 +59,11 @@ async def respond(
     raw = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": raw + (headers or [])})
     await send({"type": "http.response.body", "body": body})
+
+
+def error_response(status: int, message: str, type: str, headers: dict[str, str] | None = None) -> Response:
+    """An OpenAI-style error as a Starlette response, for the endpoints routed through Starlette."""
+    return Response(error_body(message, type, status), status, headers, media_type="application/json")
 
 
 async def guard_failed(send: Send, exc: Exception) -> None:

@@ -28,7 +28,16 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from guardrail.admin import Reloader, admin_routes, watching
-from guardrail.asgi import ClientLeft, ClientWatch, guard_failed, read_body, refuse, respond, route_path
+from guardrail.asgi import (
+    ClientLeft,
+    ClientWatch,
+    error_response,
+    guard_failed,
+    read_body,
+    refuse,
+    respond,
+    route_path,
+)
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
@@ -240,7 +249,7 @@ class Proxy:
         if not _normal(request.url.path):
             # "/v1/./chat/completions" would reach the upstream's chat endpoint unjudged.
             self.gate.metrics.rejected.labels("malformed").inc()
-            return _error(400, "the path has empty, '.' or '..' segments", "invalid_request_error")
+            return error_response(400, "the path has empty, '.' or '..' segments", "invalid_request_error")
         limit = self.settings.max_body_bytes
         try:
             check_declared_length(request.headers.raw, limit)
@@ -264,7 +273,7 @@ class Proxy:
 
     def _too_large(self, exc: BodyTooLarge) -> Response:
         self.gate.metrics.rejected.labels("too_large").inc()
-        return _error(413, str(exc), "invalid_request_error")
+        return error_response(413, str(exc), "invalid_request_error")
 
     def _upstream_failed(self, exc: UpstreamError) -> bytes:
         """Count and log an upstream that failed before answering; the OpenAI-style error body."""
@@ -293,7 +302,3 @@ def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[
     if guarded:
         kept.append((b"accept-encoding", b"identity"))
     return kept
-
-
-def _error(status: int, message: str, type: str) -> Response:
-    return Response(error_body(message, type, status), status, media_type="application/json")
