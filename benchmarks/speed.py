@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from guardrail.encoder import Encoder
-from guardrail.guard import Guard, _normalise
+from guardrail.guard import Guard, normalise
 from guardrail.layers.similarity import SimilarityLayer
 from guardrail.scenario import load_scenario
 
@@ -129,7 +129,7 @@ def messages(seed: int = 0) -> list[str]:
         for values in itertools.product(*(slots[n] for n in names)):
             text = template.format(**dict(zip(names, values, strict=True)))
             if 8 <= len(text.split()) <= 15:
-                out.setdefault(_normalise(text), text)  # the guard's own cache key
+                out.setdefault(normalise(text), text)  # the guard's own cache key
     texts = list(out.values())
     random.Random(seed).shuffle(texts)
     return texts

@@ -62,17 +62,29 @@ def load_labelled(path: str | Path) -> LabelledData:
             raise DataError(f"not valid JSON: {exc}", name, number) from exc
         if not isinstance(row, dict):
             raise DataError('each line must be a JSON object {"text": ..., "on_topic": ...}', name, number)
-        text, label = row.get("text"), row.get("on_topic")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError('"text" must be a non-empty string', name, number)
-        if not isinstance(label, bool):
-            raise DataError(f'"on_topic" must be true or false, got {label!r}', name, number)
+        text, label = labelled_row(row, name, number)
         texts.append(text)
         labels.append(label)
     on_topic = np.array(labels, dtype=bool)
     if not on_topic.any() or on_topic.all():
         raise DataError("the data needs both on-topic and off-topic rows to be evaluated", name)
     return LabelledData(texts, on_topic)
+
+
+def labelled_row(row: dict[str, Any], name: str, number: int) -> tuple[str, bool]:
+    """The text and label of a ``{"text", "on_topic"}`` row, or ``DataError`` naming its line."""
+    text = row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError('"text" must be a non-empty string', name, number)
+    return text, on_topic_of(row, name, number)
+
+
+def on_topic_of(row: dict[str, Any], name: str, number: int) -> bool:
+    """A row's ``on_topic`` label, or ``DataError`` naming its line."""
+    label = row.get("on_topic")
+    if not isinstance(label, bool):
+        raise DataError(f'"on_topic" must be true or false, got {label!r}', name, number)
+    return label
 
 
 def auroc(on: Scores, off: Scores) -> float:

@@ -227,7 +227,7 @@ class Guard:
 
     def check_many(self, texts: Sequence[str]) -> list[Verdict]:
         """Judge several messages with one encoder call for those not in the cache."""
-        keys = [_normalise(t) for t in texts]
+        keys = [normalise(t) for t in texts]
         verdicts: list[Verdict | None] = [None] * len(keys)
         missing: dict[str, list[int]] = {}
         with self._lock:
@@ -303,6 +303,7 @@ def topical_sentences(text: str) -> list[str]:
     return [part for part in parts if len(part.split()) >= MIN_SENTENCE_WORDS and not PLEASANTRY.match(part)]
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """A message as the guard keys it: whitespace folded, case kept."""
     # Whitespace never changes the embedding's meaning; case does for cased models, so it is kept.
     return " ".join(text.split())

@@ -51,8 +51,16 @@ from numpy.typing import NDArray
 from tqdm import tqdm  # a dependency of huggingface-hub
 
 from guardrail.errors import ConfigError, DataError, MissingExtraError, ModelError
-from guardrail.evaluation import Metrics, measure, stratified_folds, stratified_split, threshold_for_pass
-from guardrail.guard import Guard
+from guardrail.evaluation import (
+    Metrics,
+    labelled_row,
+    measure,
+    on_topic_of,
+    stratified_folds,
+    stratified_split,
+    threshold_for_pass,
+)
+from guardrail.guard import Guard, normalise
 from guardrail.interactions import log_files, read_records
 from guardrail.layers.classifier import CARD_FORMAT, Classifier, card_path
 from guardrail.layers.instruction import RefusalDetector
@@ -108,14 +116,12 @@ def read_labels(paths: Sequence[Path], refusal: str = DEFAULT_REFUSAL) -> LabelS
     feedback: dict[str, tuple[int, bool]] = {}
     for order, (path, number, row) in enumerate(_rows(paths), start=1):
         if row.get("type") == "feedback":
-            feedback[str(row.get("id"))] = (order, _bool(row, path, number))
+            feedback[str(row.get("id"))] = (order, on_topic_of(row, str(path), number))
         elif "verdict" in row:
             requests.append((order, _slim(row, detector)))
         elif "on_topic" in row:
-            text = row.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise DataError('"text" must be a non-empty string', str(path), number)
-            labels.append(Label(text, _bool(row, path, number), "human", order))
+            labelled, on_topic = labelled_row(row, str(path), number)
+            labels.append(Label(labelled, on_topic, "human", order))
         else:
             skipped["not_a_request"] += 1
     known: set[str] = set()
@@ -164,7 +170,7 @@ def deduplicate(labels: Sequence[Label], skipped: dict[str, int] | None = None) 
     """One example per normalised text: the label of most weight, then the most recent."""
     by_text: dict[str, list[Label]] = {}
     for label in sorted(labels, key=lambda label: label.order):
-        by_text.setdefault(" ".join(label.text.split()), []).append(label)
+        by_text.setdefault(normalise(label.text), []).append(label)
     kept = [max(group, key=lambda label: (label.weight, label.order)) for group in by_text.values()]
     conflicts = sum(len({label.on_topic for label in group}) > 1 for group in by_text.values())
     kept.sort(key=lambda label: label.order)
@@ -177,13 +183,6 @@ def _rows(paths: Sequence[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
         if not files:
             raise DataError("no such file", str(given))
         yield from read_records(files)
-
-
-def _bool(row: dict[str, Any], path: Path, number: int) -> bool:
-    value = row.get("on_topic")
-    if not isinstance(value, bool):
-        raise DataError(f'"on_topic" must be true or false, got {value!r}', str(path), number)
-    return value
 
 
 _FIELDS = ("id", "text", "verdict", "score", "threshold", "classifier_score", "used_context", "upstream")
