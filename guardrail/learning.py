@@ -233,6 +233,8 @@ def to_onnx(model: Any, n_features: int) -> bytes:
         initial_types=[("features", FloatTensorType([None, n_features]))],
         options={id(final): {"zipmap": False}},
         target_opset={"": 17, "ai.onnx.ml": 3},
+        # Otherwise the graph is named with a fresh UUID: the same model would give other bytes.
+        name="guardrail-classifier",
     )
     return bytes(onnx_model.SerializeToString())
 

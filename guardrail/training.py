@@ -319,7 +319,7 @@ def retrain(
             bar.total += 1
             final = fit(features, on_topic, weights, seed)
             bar.update()
-            model_bytes = _stable(to_onnx(final, features.shape[1]))
+            model_bytes = to_onnx(final, features.shape[1])
             card = {
                 "format": CARD_FORMAT,
                 "encoder": guard.encoder.id,
@@ -457,16 +457,6 @@ def write_classifier(out: Path, model: bytes, card: dict[str, Any]) -> None:
         for temp in temps:
             with contextlib.suppress(OSError):
                 temp.unlink()
-
-
-def _stable(model: bytes) -> bytes:
-    """The ONNX bytes with a fixed graph name: skl2onnx names each graph with a fresh UUID, which would
-    make two identical models differ and wake every watcher for nothing."""
-    import onnx
-
-    graph = onnx.load_from_string(model)
-    graph.graph.name = "guardrail-classifier"
-    return bytes(graph.SerializeToString())
 
 
 def _version() -> str:
