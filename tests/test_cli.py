@@ -17,6 +17,7 @@ from guardrail.guard import Guard
 from guardrail.models import DEFAULT_MODEL, content_key, resolve_model
 
 from classifiers import write_classifier
+from commands import run_cli
 from samples import OFF_TOPIC, ON_TOPIC, REPORT_KEYS, VIEWING
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,16 +32,6 @@ def eval_data(tmp_path: Path) -> Path:
     path = tmp_path / "estate.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows[::2] + rows[1::2]) + "\n", encoding="utf-8")
     return path
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardrail.cli", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 # --- serve ---------------------------------------------------------------------------------------

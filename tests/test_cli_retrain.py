@@ -1,10 +1,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +10,8 @@ from test_training import estate_rows, feedback, request, write_jsonl
 
 from guardrail.cli import main
 
+from commands import run_cli
 from samples import REPORT_KEYS
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "guardrail.cli", *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def retrain_args(scenario: Path, out: Path, *logs: Path) -> list[str]:
@@ -238,7 +226,14 @@ def test_subprocess_retrain_then_eval(cache_env: Path, real_estate_path: Path, t
     test = write_jsonl(tmp_path / "test.jsonl", estate_rows(20, start=100))
     out = tmp_path / "m.onnx"
     trained = run_cli(
-        "retrain", "--logs", str(labelled), "--scenario", str(real_estate_path), "--out", str(out)
+        "retrain",
+        "--logs",
+        str(labelled),
+        "--scenario",
+        str(real_estate_path),
+        "--out",
+        str(out),
+        timeout=300,
     )
     assert trained.returncode == 0, trained.stderr
     assert "Traceback" not in trained.stderr
@@ -252,7 +247,7 @@ def test_subprocess_retrain_then_eval(cache_env: Path, real_estate_path: Path, t
         str(test),
         "--json",
     ]
-    evaluated = run_cli(*args)
+    evaluated = run_cli(*args, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     assert list(result)[: len(REPORT_KEYS)] == REPORT_KEYS
