@@ -7,6 +7,7 @@ record and metrics once the reply is known, noting whether the LLM answered with
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
@@ -72,12 +73,15 @@ class Decision:
             (b"x-guardrail-verdict", self.action.encode()),
             (b"x-guardrail-layer", (verdict.layer if verdict else "none").encode()),
             (b"x-guardrail-score", (f"{verdict.score:.4f}" if verdict else "none").encode()),
-            # Header values are ASCII: a scenario in another script is percent-encoded.
-            (
-                b"x-guardrail-scenario",
-                quote(verdict.scenario if verdict else "", safe=" -_.,;:/()'&+").encode(),
-            ),
+            (b"x-guardrail-scenario", _header_value(verdict.scenario if verdict else "")),
         ]
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_value(scenario: str) -> bytes:
+    """A scenario as a header value: ASCII, so one in another script is percent-encoded (the
+    document's few scenarios, encoded once each)."""
+    return quote(scenario, safe=" -_.,;:/()'&+").encode()
 
 
 class Gate:
@@ -104,6 +108,7 @@ class Gate:
         self.detector = RefusalDetector(refusal)
         # Created up front, so the series is there (at 0) before the first refusal.
         self._llm_refusals = self.metrics.llm_refusals.labels(self.scenario)
+        self._counters: dict[tuple[str, str], Any] = {}  # guardrail_requests_total by (verdict, layer)
 
     @classmethod
     def from_settings(
@@ -172,9 +177,13 @@ class Gate:
         ``instructed`` says whether layer 2's instruction went with the request.
         """
         verdict = decision.verdict
-        self.metrics.requests.labels(
-            decision.action, verdict.layer if verdict else "none", self.scenario
-        ).inc()
+        layer = verdict.layer if verdict else "none"
+        counter = self._counters.get((decision.action, layer))
+        if counter is None:  # labels() takes a lock and builds a key: once per series, not per request
+            counter = self._counters[decision.action, layer] = self.metrics.requests.labels(
+                decision.action, layer, self.scenario
+            )
+        counter.inc()
         # A blocked request's reply is the gate's own refusal, not the LLM's.
         refused = None if decision.blocked or not reply else self.detector.matches(reply)
         if refused:

@@ -87,6 +87,7 @@ async def relay(
     sse = upstream.content_type.startswith("text/event-stream")
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     held = b""
+    ended = False
     try:
         async for chunk in upstream.chunks():
             if reader is not None:
@@ -95,7 +96,10 @@ async def relay(
                 chunk, held = _complete_events(held + chunk)
                 if not chunk:
                     continue
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # The body's last bytes end the response in the same message: one send fewer for the
+            # usual whole-JSON reply. (The loop then ends by itself: chunks() stops at the end.)
+            ended = not held and upstream.at_eof()
+            await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
     except UpstreamError as exc:
         outcome.error = f"the upstream broke off mid-response: {exc.detail}"
         logger.warning("%s", outcome.error)
@@ -106,7 +110,8 @@ async def relay(
         body = error_body(outcome.error, "upstream_error", 502)
         await send({"type": "http.response.body", "body": b"data: " + body + b"\n\n", "more_body": True})
         held = b""
-    await send({"type": "http.response.body", "body": held, "more_body": False})
+    if not ended:
+        await send({"type": "http.response.body", "body": held, "more_body": False})
     outcome.complete = outcome.error is None
 
 

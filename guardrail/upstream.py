@@ -81,10 +81,18 @@ class UpstreamResponse:
         self.content_type = response.headers.get("content-type", "")
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, each chunk as soon as it arrives (so event streams are not held up)."""
+        """The body, each chunk as soon as it arrives (so event streams are not held up). After the
+        last chunk ``at_eof`` is true, so a relay can send it as the end of the response."""
+        content = self._response.content
         with _translated(connecting=False):
-            async for chunk in self._response.content.iter_any():
+            while chunk := await content.readany():
                 yield chunk
+                if content.at_eof():
+                    return
+
+    def at_eof(self) -> bool:
+        """The whole body has been read."""
+        return self._response.content.at_eof()
 
     def close(self) -> None:
         """A body read to the end gives its connection back to the pool; one abandoned midway (a

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import threading
 import time
@@ -397,3 +398,19 @@ def test_read_interactions_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read") as info:
         list(read_interactions([tmp_path / "missing.jsonl"]))
     assert info.value.path == str(tmp_path / "missing.jsonl")
+
+
+def test_new_id_differs_in_a_forked_worker() -> None:
+    # Workers forked from one parent must not hand out the same ids.
+    first = new_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report an id and leave at once
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert re.fullmatch(r"gr-[0-9a-f]{24}", child)
+    assert child[:15] != first[:15]  # another prefix, not just the next number
