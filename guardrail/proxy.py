@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -140,7 +140,7 @@ class Proxy:
         log = self.gate.log
         if log is not None:
             self.gate.metrics.log_depth.set(log.depth)
-        return Response(generate_latest(self.gate.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.gate.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:
         """The process is alive and serving."""

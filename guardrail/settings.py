@@ -68,6 +68,8 @@ class Settings:
     max_connections: int = 100
     encoder_workers: int = 2
     max_batch: int = 32
+    # Server processes (guardrail serve --workers N); their metrics add up in one scrape.
+    workers: int = 1
     # The token for POST /guardrail/feedback and /guardrail/reload; unset, those endpoints are off.
     admin_token: str | None = field(default=None, repr=False)  # a secret: never in logs or reprs
     # The interaction log; an empty path turns it off.
@@ -122,7 +124,7 @@ class Settings:
             raise ConfigError("refusal must not be empty")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_body_bytes", "max_connections", "encoder_workers", "max_batch", "log_queue"):
+        for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("connect_timeout", "read_timeout"):
@@ -142,6 +144,9 @@ class Settings:
         check_instruction_template(self.instruction_template)
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise ConfigError(f"upstream must be an http:// or https:// URL, got {self.upstream!r}")
+
+
+_AT_LEAST_ONE = ("max_body_bytes", "max_connections", "encoder_workers", "max_batch", "log_queue", "workers")
 
 
 def check_instruction_template(template: str) -> None:
@@ -173,6 +178,7 @@ _KINDS: dict[str, type] = {
     "read_timeout": float,
     "max_connections": int,
     "encoder_workers": int,
+    "workers": int,
     "max_batch": int,
     "log_max_bytes": int,
     "log_backups": int,
