@@ -43,7 +43,7 @@ class Encoder:
     def load(
         cls,
         model: str = DEFAULT_MODEL,
-        cache_dir: Path | None = None,
+        cache_dir: str | Path | None = None,
         threads: int = 1,
         export: bool = True,
     ) -> Encoder:
@@ -51,7 +51,7 @@ class Encoder:
         source = resolve_model(model)
         if source.origin == "export":
             return cls.from_dir(source.path, threads=threads)
-        cache_dir = cache_dir or default_cache_dir()
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         key = content_key(source, cache_dir)
         export_dir = cache_dir / "models" / key
         if not (export_dir / "meta.json").is_file():

@@ -108,7 +108,7 @@ class Guard:
         cls,
         scenario: str | Path | ScenarioDocument,
         model: str = DEFAULT_MODEL,
-        cache_dir: Path | None = None,
+        cache_dir: str | Path | None = None,
         threads: int = 1,
         target_pass: float = 0.95,
         threshold: float | None = None,

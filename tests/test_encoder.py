@@ -103,6 +103,12 @@ def test_load_twice_uses_the_same_export(encoder: Encoder, model_cache: Path) ->
     np.testing.assert_allclose(again.encode(TEXTS), encoder.encode(TEXTS), atol=1e-5)
 
 
+def test_the_cache_directory_may_be_a_string(encoder: Encoder, model_cache: Path) -> None:
+    # As a user types it: Encoder.load(cache_dir="/tmp/cache") once failed with a TypeError.
+    again = Encoder.load(DEFAULT_MODEL, cache_dir=str(model_cache), export=False)
+    assert again.path == encoder.path
+
+
 def test_load_without_export_on_an_empty_cache_is_a_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="guardrail export-model"):
         Encoder.load(DEFAULT_MODEL, cache_dir=tmp_path, export=False)
