@@ -2,7 +2,8 @@
 
 A ``Gate`` turns a parsed conversation into a ``Decision`` (asking the guard, off the event loop),
 names it in response headers, adds layer 2's instruction to a passed request, and writes the interaction
-record and metrics once the reply is known, noting whether the LLM answered with the refusal.
+record and metrics once the reply is known, noting whether the LLM answered with the refusal, the tokens
+the upstream used and what refusing saved (see ``guardrail/accounting.py``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import quote
 
+from guardrail.accounting import Accounting, TokenEstimator, prompt_size
 from guardrail.batching import Batcher
 from guardrail.guard import Guard, Query, Verdict
 from guardrail.interactions import InteractionLog, new_id
+from guardrail.layers.classifier import Classifier
 from guardrail.layers.instruction import RefusalDetector, build_instruction
-from guardrail.metrics import Metrics
+from guardrail.metrics import VERDICTS, Metrics
+from guardrail.prices import PriceTable
 from guardrail.protocols.base import ChatProtocol, Conversation
 from guardrail.settings import DEFAULT_REFUSAL, Mode, Settings
 
@@ -96,6 +100,8 @@ class Gate:
         log: InteractionLog | None = None,
         metrics: Metrics | None = None,
         instruction: str | None = None,
+        prices: PriceTable | None = None,
+        estimator: TokenEstimator | None = None,
     ) -> None:
         self.guard = guard
         self.batcher = batcher if batcher is not None else Batcher(guard.judge_many)
@@ -109,6 +115,11 @@ class Gate:
         # Created up front, so the series is there (at 0) before the first refusal.
         self._llm_refusals = self.metrics.llm_refusals.labels(self.scenario)
         self._counters: dict[tuple[str, str], Any] = {}  # guardrail_requests_total by (verdict, layer)
+        self._seconds = {verdict: self.metrics.request_seconds.labels(verdict) for verdict in VERDICTS}
+        self.accounting = Accounting(self.metrics, prices, estimator, instruction)
+        self._classifier: Classifier | None = None
+        self._classifier_label: str | None = None
+        self._show_classifier()
 
     @classmethod
     def from_settings(
@@ -119,12 +130,14 @@ class Gate:
         metrics: Metrics | None = None,
     ) -> Gate:
         """A gate with the settings' mode, refusal, layer-2 instruction and encoder workers."""
-        batcher = Batcher(guard.judge_many, workers=settings.encoder_workers, max_batch=settings.max_batch)
+        batcher = Batcher(guard.judge_many, workers=settings.encoders, max_batch=settings.max_batch)
         instruction = None
         if settings.instruction:
             # Built once here: every passed request gets the same text.
             instruction = build_instruction(guard.document, settings.instruction_template, settings.refusal)
-        return cls(guard, batcher, settings.mode, settings.refusal, log, metrics, instruction)
+        return cls(
+            guard, batcher, settings.mode, settings.refusal, log, metrics, instruction, prices=settings.prices
+        )
 
     async def decide(self, conversation: Conversation) -> Decision:
         """Judge the conversation's last user message, with the previous turn as context."""
@@ -178,16 +191,24 @@ class Gate:
         """
         verdict = decision.verdict
         layer = verdict.layer if verdict else "none"
+        elapsed = time.perf_counter() - decision.started
         counter = self._counters.get((decision.action, layer))
         if counter is None:  # labels() takes a lock and builds a key: once per series, not per request
             counter = self._counters[decision.action, layer] = self.metrics.requests.labels(
                 decision.action, layer, self.scenario
             )
         counter.inc()
+        self._seconds[decision.action].observe(elapsed)
+        if getattr(self.guard, "classifier", None) is not self._classifier:
+            self._show_classifier()
         # A blocked request's reply is the gate's own refusal, not the LLM's.
         refused = None if decision.blocked or not reply else self.detector.matches(reply)
         if refused:
             self._llm_refusals.inc()
+        size = prompt_size(conversation)
+        saved = self.accounting.account(
+            decision.action, layer, conversation.model, size, usage, reply, refused, instructed, error is None
+        )
         if self.log is None:
             return
         record = {
@@ -215,17 +236,30 @@ class Gate:
             "reply": reply,
             "instruction": instructed,
             "llm_refused": refused,
+            "prompt_chars": size.chars,
+            "prompt_messages": size.messages,
+            "saved": None if saved is None else saved.record(),
             "latency_ms": {
                 "guard": round(decision.guard_seconds * 1000, 3),
                 "upstream_first_byte": None
                 if upstream_seconds is None
                 else round(upstream_seconds * 1000, 3),
-                "total": round((time.perf_counter() - decision.started) * 1000, 3),
+                "total": round(elapsed * 1000, 3),
             },
         }
         if not self.log.write(record):
             self.metrics.log_dropped.inc()
         self.metrics.log_depth.set(self.log.depth)
+
+    def _show_classifier(self) -> None:
+        """Point ``guardrail_classifier_info`` at the classifier in force (a reload changes it)."""
+        # getattr: a stand-in for the guard (a test's, an embedding app's) may have no layer 3 at all.
+        classifier: Classifier | None = getattr(self.guard, "classifier", None)
+        label = classifier.name if classifier is not None else "none"
+        if self._classifier_label is not None and self._classifier_label != label:
+            self.metrics.classifier.labels(self._classifier_label).set(0)
+        self.metrics.classifier.labels(label).set(1)
+        self._classifier, self._classifier_label = classifier, label
 
 
 def _rounded(score: float | None) -> float | None:

@@ -5,6 +5,11 @@ Every entry point builds one frozen ``Settings`` with ``Settings.load(config=...
 environment and the file are read then, never at import time. The TOML file holds the same names at its
 top level (``upstream = "http://..."``, ``read_timeout = 60``); relative paths in it are relative to
 the file. The file is ``--config``, else ``GUARDRAIL_CONFIG``, else none.
+
+``prices`` is the one setting with a structure: in the TOML file a table per model
+(``[prices."gpt-4o-mini"]`` with ``input`` and ``output``, USD per million tokens, and an optional
+``[prices.default]``); as a flag or ``GUARDRAIL_PRICES``, the same as inline JSON or the path of a
+``.json`` or ``.toml`` file holding it (see ``PriceTable.parse``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Literal
 
 from guardrail.errors import ConfigError
 from guardrail.models import DEFAULT_MODEL, default_cache_dir
+from guardrail.prices import PriceTable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,7 +72,8 @@ class Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 120.0
     max_connections: int = 100
-    encoder_workers: int = 2
+    # Encoder threads per server process; unset: 2 with one process, the cores shared out among several.
+    encoder_workers: int | None = None
     max_batch: int = 32
     # Server processes (guardrail serve --workers N); their metrics add up in one scrape.
     workers: int = 1
@@ -77,6 +84,8 @@ class Settings:
     log_max_bytes: int = 100 * 2**20
     log_backups: int = 5
     log_queue: int = 10_000
+    # USD per million tokens by model, for the *_usd_total metrics; empty: tokens are counted, not money.
+    prices: PriceTable = field(default_factory=PriceTable)
 
     @classmethod
     def load(
@@ -104,6 +113,17 @@ class Settings:
         return settings
 
     @property
+    def encoders(self) -> int:
+        """Encoder threads in each server process: ``encoder_workers`` when set, else 2 for a single
+        process, and with several the cores shared out (at least 1 each), so that N processes do not
+        each start 2 and oversubscribe the machine."""
+        if self.encoder_workers is not None:
+            return self.encoder_workers
+        if self.workers == 1:
+            return 2
+        return max(1, cores() // self.workers)
+
+    @property
     def cache_path(self) -> Path:
         """The cache directory in force."""
         return self.cache_dir or default_cache_dir()
@@ -127,6 +147,8 @@ class Settings:
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.encoder_workers is not None and self.encoder_workers < 1:
+            raise ConfigError(f"encoder_workers must be at least 1, got {self.encoder_workers}")
         for name in ("connect_timeout", "read_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -146,7 +168,14 @@ class Settings:
             raise ConfigError(f"upstream must be an http:// or https:// URL, got {self.upstream!r}")
 
 
-_AT_LEAST_ONE = ("max_body_bytes", "max_connections", "encoder_workers", "max_batch", "log_queue", "workers")
+_AT_LEAST_ONE = ("max_body_bytes", "max_connections", "max_batch", "log_queue", "workers")
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_instruction_template(template: str) -> None:
@@ -192,11 +221,14 @@ _NAMES: dict[type, str] = {int: "a whole number", float: "a number", str: "a str
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
-def _coerce(name: str, value: Any, where: str, typed: bool = False) -> Any:
+def _coerce(name: str, value: Any, where: str, typed: bool = False, base: Path | None = None) -> Any:
     """Turn a flag, environment or TOML value into the setting's type, or say where it was wrong.
 
-    ``typed`` values come from TOML, which has numbers: a quoted number there is a mistake.
+    ``typed`` values come from TOML, which has numbers: a quoted number there is a mistake. ``base``
+    is the TOML file's directory, which a file path in it is relative to.
     """
+    if name == "prices":
+        return PriceTable.parse(value, where, base)
     if name in _PATHS:
         if isinstance(value, Path):
             return value
@@ -238,7 +270,9 @@ def _read_toml(path: Path, names: set[str]) -> dict[str, Any]:
     unknown = sorted(set(table) - names)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s): {', '.join(unknown)}")
-    values = {name: _coerce(name, value, str(path), typed=True) for name, value in table.items()}
+    values = {
+        name: _coerce(name, value, str(path), typed=True, base=path.parent) for name, value in table.items()
+    }
     for name in _PATHS:
         value = values.get(name)
         if isinstance(value, Path) and not value.is_absolute():

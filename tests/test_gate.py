@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -8,12 +10,17 @@ from urllib.parse import unquote
 import pytest
 from prometheus_client import CollectorRegistry
 
-from guardrail.gate import Decision, Gate
-from guardrail.guard import Guard, Verdict
+from guardrail.accounting import DEFAULT_COMPLETION_TOKENS, PromptSize, TokenEstimator
+from guardrail.gate import Action, Decision, Gate
+from guardrail.guard import Guard, Layer, Verdict
 from guardrail.interactions import InteractionLog, read_interactions
 from guardrail.metrics import Metrics
+from guardrail.prices import Price, PriceTable
 from guardrail.protocols.base import Conversation
+from guardrail.protocols.openai import OpenAIChat
+from guardrail.settings import DEFAULT_REFUSAL, Settings
 
+from classifiers import write_classifier
 from samples import OFF_TOPIC, ON_TOPIC
 
 RECORD_KEYS = {
@@ -41,6 +48,9 @@ RECORD_KEYS = {
     "reply",
     "instruction",
     "llm_refused",
+    "prompt_chars",
+    "prompt_messages",
+    "saved",
     "latency_ms",
 }
 
@@ -327,3 +337,267 @@ def test_gate_defaults(guard: Guard) -> None:
         assert gate.metrics.registry is not None
     finally:
         gate.batcher.close()
+
+
+# --- tokens, money and time ----------------------------------------------------------------------
+
+PRICES = PriceTable.of({"gpt-x": Price(input=2.0, output=8.0)})  # USD per million tokens
+USAGE = {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200}
+
+
+def chat(text: str, model: str = "gpt-x", system: str | None = None) -> Conversation:
+    """A parsed chat request, as the proxy and the middleware have it."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": text})
+    return OpenAIChat().parse(json.dumps({"model": model, "messages": messages}).encode())
+
+
+def decision(action: Action, layer: Layer = "similarity") -> Decision:
+    """A decision made just now, without asking the encoder."""
+    judged = Verdict(allowed=action == "passed", score=0.1, threshold=0.06, layer=layer, scenario="Viewing")
+    return Decision("gr-1", action, None if action == "unjudged" else judged, 0.001, time.perf_counter())
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    found = registry.get_sample_value(name, labels)
+    assert found is not None, (name, labels)
+    return found
+
+
+def saved(registry: CollectorRegistry, layer: str, shadow: bool = False) -> tuple[float, float, float]:
+    """(prompt tokens, completion tokens, USD) counted as saved by ``layer`` (or would-save)."""
+    tokens = "guardrail_tokens_would_save_total" if shadow else "guardrail_tokens_saved_total"
+    cost = "guardrail_cost_would_save_usd_total" if shadow else "guardrail_cost_saved_usd_total"
+    return (
+        value(registry, tokens, layer=layer, kind="prompt"),
+        value(registry, tokens, layer=layer, kind="completion"),
+        value(registry, cost, layer=layer),
+    )
+
+
+def upstream(registry: CollectorRegistry) -> tuple[float, float, float]:
+    return (
+        value(registry, "guardrail_upstream_tokens_total", kind="prompt"),
+        value(registry, "guardrail_upstream_tokens_total", kind="completion"),
+        value(registry, "guardrail_upstream_cost_usd_total"),
+    )
+
+
+@pytest.fixture
+def priced(guard: Guard, metrics: Metrics) -> Iterator[Gate]:
+    gate = make_gate(guard, metrics, prices=PRICES, instruction="Stay on topic. " * 20)
+    yield gate
+    gate.batcher.close()
+
+
+def test_a_passed_request_counts_what_the_upstream_used_and_saves_nothing(
+    priced: Gate, registry: CollectorRegistry
+) -> None:
+    priced.record(decision("passed"), chat(ON_TOPIC[0]), "/v1/chat/completions", 200, USAGE, "Yes.")
+    assert upstream(registry) == pytest.approx((120, 80, (120 * 2.0 + 80 * 8.0) / 1e6))
+    for layer in ("similarity", "classifier", "instruction"):
+        assert saved(registry, layer) == (0, 0, 0)
+        assert saved(registry, layer, shadow=True) == (0, 0, 0)
+    assert value(registry, "guardrail_request_seconds_count", verdict="passed") == 1
+    assert value(registry, "guardrail_request_seconds_count", verdict="blocked") == 0
+
+
+def test_a_blocked_request_saves_its_prompt_and_an_answer(priced: Gate, registry: CollectorRegistry) -> None:
+    conversation = chat("What's the weather in Lisbon?", system="You are a helpful estate agent.")
+    priced.record(decision("blocked"), conversation, "/v1/chat/completions", reply=DEFAULT_REFUSAL)
+    expected = priced.accounting.estimator.prompt_tokens("gpt-x", PromptSize(60, 2, True, False))
+    assert expected == pytest.approx(3 + 4 * 2 + 60 / 4)  # the defaults: no upstream data yet
+    prompt, completion, usd = saved(registry, "similarity")
+    assert prompt == pytest.approx(expected)
+    assert completion == DEFAULT_COMPLETION_TOKENS
+    assert usd == pytest.approx((expected * 2.0 + completion * 8.0) / 1e6)
+    assert saved(registry, "similarity", shadow=True) == (0, 0, 0)
+    assert upstream(registry) == (0, 0, 0)
+    assert value(registry, "guardrail_request_seconds_count", verdict="blocked") == 1
+
+
+def test_a_block_by_the_classifier_is_the_classifiers_saving(
+    priced: Gate, registry: CollectorRegistry
+) -> None:
+    priced.record(decision("blocked", layer="classifier"), chat("Tell me a joke"), "/v1/chat/completions")
+    assert saved(registry, "classifier")[1] == DEFAULT_COMPLETION_TOKENS
+    assert saved(registry, "similarity") == (0, 0, 0)
+
+
+def test_an_unpriced_model_saves_tokens_but_no_money(priced: Gate, registry: CollectorRegistry) -> None:
+    priced.record(decision("blocked"), chat("Tell me a joke", model="mystery"), "/v1/chat/completions")
+    prompt, completion, usd = saved(registry, "similarity")
+    assert prompt > 0 and completion > 0
+    assert usd == 0
+
+
+def test_shadow_mode_counts_what_blocking_would_save_never_as_saved(
+    guard: Guard, metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    gate = make_gate(guard, metrics, mode="shadow", prices=PRICES)
+    try:
+        gate.record(
+            decision("would-block"), chat("Tell me a joke"), "/v1/chat/completions", 200, USAGE, "Ha."
+        )
+    finally:
+        gate.batcher.close()
+    prompt, completion, usd = saved(registry, "similarity", shadow=True)
+    assert prompt == pytest.approx(3 + 4 + len("Tell me a joke") / 4)
+    assert completion == DEFAULT_COMPLETION_TOKENS
+    assert usd == pytest.approx((prompt * 2.0 + completion * 8.0) / 1e6)
+    assert saved(registry, "similarity") == (0, 0, 0)
+    # It went upstream: what it used is real, and it teaches the estimator.
+    assert upstream(registry)[:2] == (120, 80)
+    assert gate.accounting.estimator.fit("gpt-x").observations == 1
+    assert gate.accounting.estimator.completion_tokens("gpt-x") == 80
+    assert value(registry, "guardrail_request_seconds_count", verdict="would-block") == 1
+
+
+def test_a_refusal_by_the_llm_saves_the_rest_of_an_answer(priced: Gate, registry: CollectorRegistry) -> None:
+    usage = {"prompt_tokens": 150, "completion_tokens": 14}
+    priced.record(
+        decision("passed"),
+        chat(OFF_TOPIC[0]),
+        "/v1/chat/completions",
+        200,
+        usage,
+        DEFAULT_REFUSAL,
+        instructed=True,
+    )
+    assert value(registry, "guardrail_llm_refusals_total", scenario="real_estate") == 1
+    prompt, completion, usd = saved(registry, "instruction")
+    assert prompt == 0  # the prompt was spent
+    assert completion == DEFAULT_COMPLETION_TOKENS - 14
+    assert usd == pytest.approx(completion * 8.0 / 1e6)
+    assert saved(registry, "similarity") == (0, 0, 0)
+    assert upstream(registry)[:2] == (150, 14)
+    # A refusal is no answer: the mean answer length is not shortened by it.
+    assert priced.accounting.estimator.completion_tokens("gpt-x") == DEFAULT_COMPLETION_TOKENS
+
+
+def test_a_refusal_without_usage_is_estimated_from_its_text(
+    priced: Gate, registry: CollectorRegistry
+) -> None:
+    priced.record(
+        decision("passed"),
+        chat(OFF_TOPIC[1]),
+        "/v1/chat/completions",
+        200,
+        None,
+        DEFAULT_REFUSAL,
+        instructed=True,
+    )
+    completion = saved(registry, "instruction")[1]
+    assert completion == pytest.approx(DEFAULT_COMPLETION_TOKENS - len(DEFAULT_REFUSAL) / 4)
+
+
+def test_a_refusal_without_layer_2_is_not_the_guards_saving(
+    priced: Gate, registry: CollectorRegistry
+) -> None:
+    # The app's own prompt may use the sentence: only a refusal after the instruction is layer 2's.
+    priced.record(decision("passed"), chat(OFF_TOPIC[1]), "/v1/chat/completions", 200, USAGE, DEFAULT_REFUSAL)
+    assert value(registry, "guardrail_llm_refusals_total", scenario="real_estate") == 1
+    assert saved(registry, "instruction") == (0, 0, 0)
+
+
+def test_calibration_samples_include_layer_2s_instruction(guard: Guard, registry: CollectorRegistry) -> None:
+    instruction = "Only answer questions about our flats. " * 10
+    gate = make_gate(guard, Metrics(registry), instruction=instruction, estimator=TokenEstimator())
+    try:
+        # An upstream that counts exactly the default model, for what it was sent: the client's system
+        # message with the instruction after it.
+        for text in ON_TOPIC:
+            sent = len("Be brief.") + 2 + len(instruction) + len(text)
+            usage = {"prompt_tokens": round(3 + 4 * 2 + sent / 4), "completion_tokens": 50}
+            gate.record(
+                decision("passed"), chat(text, system="Be brief."), "/v", 200, usage, "Sure.", instructed=True
+            )
+        conversation = chat(OFF_TOPIC[0], system="Be brief.")
+        gate.record(decision("blocked"), conversation, "/v", reply=DEFAULT_REFUSAL)
+    finally:
+        gate.batcher.close()
+    # The blocked request is estimated as the client sent it, without the instruction.
+    client = len("Be brief.") + len(OFF_TOPIC[0])
+    assert saved(registry, "similarity")[0] == pytest.approx(3 + 4 * 2 + client / 4, abs=1.5)
+    assert saved(registry, "similarity")[1] == pytest.approx(50)
+
+
+def test_the_record_says_what_was_saved(
+    guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    log = InteractionLog(tmp_path / "interactions.jsonl")
+    log.start()
+    gate = make_gate(guard, metrics, log=log, prices=PRICES)
+    conversation = chat("Tell me a joke", system="Be brief.")
+    try:
+        gate.record(decision("blocked"), conversation, "/v1/chat/completions", reply=DEFAULT_REFUSAL)
+        gate.record(decision("passed"), conversation, "/v1/chat/completions", 200, USAGE, "Sure.")
+        gate.record(
+            decision("passed", layer="classifier"),
+            chat("Hi", model="x"),
+            "/v",
+            200,
+            None,
+            DEFAULT_REFUSAL,
+            instructed=True,
+        )
+    finally:
+        gate.batcher.close()
+        log.close()
+    blocked, passed, refused = read_interactions([tmp_path / "interactions.jsonl"])
+    assert set(blocked) == RECORD_KEYS
+    assert (blocked["prompt_chars"], blocked["prompt_messages"]) == (len("Be brief.Tell me a joke"), 2)
+    prompt, completion, usd = saved(registry, "similarity")
+    assert blocked["saved"] == {
+        "layer": "similarity",
+        "prompt_tokens": pytest.approx(prompt),
+        "completion_tokens": completion,
+        "usd": pytest.approx(usd),
+        "shadow": False,
+    }
+    assert passed["saved"] is None
+    assert refused["saved"]["layer"] == "instruction"
+    assert refused["saved"]["prompt_tokens"] == 0
+    assert refused["saved"]["usd"] is None  # model "x" has no price
+    assert refused["prompt_messages"] == 1
+
+
+def test_every_verdict_has_its_request_seconds(gate: Gate, registry: CollectorRegistry) -> None:
+    for action in ("passed", "blocked", "would-block", "unjudged"):
+        assert value(registry, "guardrail_request_seconds_count", verdict=action) == 0
+    late = Decision("gr-1", "unjudged", None, 0.0, time.perf_counter() - 0.3)
+    gate.record(late, Conversation(text=None), "/v1/chat/completions", 200)
+    assert value(registry, "guardrail_request_seconds_count", verdict="unjudged") == 1
+    assert 0.3 <= value(registry, "guardrail_request_seconds_sum", verdict="unjudged") < 5
+
+
+def test_the_classifier_info_follows_reloads(
+    model_cache: Path, real_estate_path: Path, tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    guard = Guard.load(real_estate_path, cache_dir=model_cache)
+    gate = Gate.from_settings(guard, Settings(), metrics=Metrics(registry))
+    try:
+        assert value(registry, "guardrail_classifier_info", classifier="none") == 1
+        guard.reload(write_classifier(tmp_path / "estate-v1.onnx", guard))
+        gate.record(decision("passed"), chat(ON_TOPIC[0]), "/v1/chat/completions")
+        assert value(registry, "guardrail_classifier_info", classifier="estate-v1") == 1
+        assert value(registry, "guardrail_classifier_info", classifier="none") == 0
+        guard.reload(write_classifier(tmp_path / "estate-v2.onnx", guard))
+        gate.record(decision("passed"), chat(ON_TOPIC[0]), "/v1/chat/completions")
+        assert value(registry, "guardrail_classifier_info", classifier="estate-v2") == 1
+        assert value(registry, "guardrail_classifier_info", classifier="estate-v1") == 0
+        # The same file retrained and reloaded: a new model under the same name, still in force.
+        guard.reload(write_classifier(tmp_path / "estate-v2.onnx", guard, inverted=True))
+        gate.record(decision("passed"), chat(ON_TOPIC[0]), "/v1/chat/completions")
+        assert value(registry, "guardrail_classifier_info", classifier="estate-v2") == 1
+    finally:
+        gate.batcher.close()
+
+
+def test_from_settings_prices_the_gate(guard: Guard, registry: CollectorRegistry) -> None:
+    gate = Gate.from_settings(guard, Settings(prices=PRICES), metrics=Metrics(registry))
+    try:
+        gate.record(decision("passed"), chat(ON_TOPIC[0]), "/v1/chat/completions", 200, USAGE, "Yes.")
+    finally:
+        gate.batcher.close()
+    assert upstream(registry)[2] == pytest.approx((120 * 2.0 + 80 * 8.0) / 1e6)

@@ -9,6 +9,7 @@ import pytest
 
 from guardrail.errors import ConfigError
 from guardrail.models import DEFAULT_MODEL, default_cache_dir
+from guardrail.prices import Price, PriceTable
 from guardrail.settings import Settings
 
 
@@ -144,7 +145,22 @@ def toml_value(value: object) -> str:
         return json.dumps(str(value))
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, PriceTable):
+        entries = [(model, price) for model, price in value.models]
+        entries += [("default", value.default)] if value.default else []
+        rows = [f"{json.dumps(m)} = {{ input = {p.input!r}, output = {p.output!r} }}" for m, p in entries]
+        return "{ " + ", ".join(rows) + " }"
     return repr(value)
+
+
+def env_value(value: object) -> str:
+    """A Python value as an environment variable holds it: prices as inline JSON."""
+    if isinstance(value, PriceTable):
+        table = {model: {"input": price.input, "output": price.output} for model, price in value.models}
+        if value.default:
+            table["default"] = {"input": value.default.input, "output": value.default.output}
+        return json.dumps(table)
+    return str(value)
 
 
 def test_toml_values_load(tmp_path: Path) -> None:
@@ -225,6 +241,11 @@ SOURCES: dict[str, tuple[object, object, object]] = {
     "instruction": (False, True, False),
     "instruction_template": ("toml: {refusal}", "env: {refusal}", "flag {title}: {refusal}"),
     "admin_token": ("toml-token-0123456789", "env-token-0123456789", "flag-token-0123456789"),
+    "prices": (
+        PriceTable.of({"gpt-4o-mini": Price(0.15, 0.6)}),
+        PriceTable.of({"gpt-4o": Price(2.5, 10.0)}, default=Price(1.0, 2.0)),
+        PriceTable.of({}, default=Price(0.5, 1.5)),
+    ),
 }
 
 
@@ -241,7 +262,7 @@ def test_the_precedence_table_covers_every_setting() -> None:
 def test_flag_beats_environment_beats_toml_beats_default(tmp_path: Path, name: str) -> None:
     toml, env, flag = SOURCES[name]
     config = write_toml(tmp_path, f"{name} = {toml_value(toml)}\n")
-    variable = {f"GUARDRAIL_{name.upper()}": str(env)}
+    variable = {f"GUARDRAIL_{name.upper()}": env_value(env)}
     assert getattr(Settings.load(environ={}), name) == getattr(Settings(), name)
     assert getattr(Settings.load(environ={}, config=config), name) == toml
     assert getattr(Settings.load(environ=variable, config=config), name) == env
@@ -510,3 +531,83 @@ def test_instruction_templates_are_checked_at_load(template: str, message: str) 
 def test_layer_settings_out_of_range(name: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         Settings.load(environ={}, **{name: value})
+
+
+# --- prices ----------------------------------------------------------------------------------------
+
+
+def test_prices_in_toml_are_tables_per_model(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path,
+        """
+        port = 9000
+        [prices."gpt-4o-mini"]
+        input = 0.15
+        output = 0.6
+        [prices.default]
+        input = 1
+        output = 4
+        """,
+    )
+    settings = Settings.load(environ={}, config=config)
+    assert settings.prices == PriceTable.of({"gpt-4o-mini": Price(0.15, 0.6)}, default=Price(1.0, 4.0))
+    assert settings.port == 9000
+    assert settings.prices.cost("gpt-4o-mini", 1_000_000, 0) == pytest.approx(0.15)
+
+
+def test_a_prices_file_in_toml_is_relative_to_the_toml_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "prices.json").write_text('{"m": {"input": 1, "output": 2}}')
+    config = write_toml(tmp_path / "etc", 'prices = "prices.json"\n')
+    monkeypatch.chdir(tmp_path)
+    assert Settings.load(environ={}, config=config).prices == PriceTable.of({"m": Price(1.0, 2.0)})
+
+
+def test_prices_from_the_environment_or_a_flag_may_be_a_file(tmp_path: Path) -> None:
+    (tmp_path / "prices.toml").write_text("[m]\ninput = 1\noutput = 2\n")
+    expected = PriceTable.of({"m": Price(1.0, 2.0)})
+    assert Settings.load(environ={"GUARDRAIL_PRICES": str(tmp_path / "prices.toml")}).prices == expected
+    assert Settings.load(environ={}, prices=str(tmp_path / "prices.toml")).prices == expected
+    assert Settings.load(environ={}, prices={"m": {"input": 1, "output": 2}}).prices == expected
+
+
+def test_no_prices_by_default() -> None:
+    prices = Settings.load(environ={}).prices
+    assert prices == PriceTable()
+    assert prices.cost("gpt-4o-mini", 1000, 1000) is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "words"),
+    [
+        (
+            {"GUARDRAIL_PRICES": '{"m": {"input": -1, "output": 1}}'},
+            "GUARDRAIL_PRICES: prices.m.input must be 0",
+        ),
+        ({"GUARDRAIL_PRICES": "{oops"}, "GUARDRAIL_PRICES: prices is not valid JSON"),
+        ({"GUARDRAIL_PRICES": "/nonexistent/prices.json"}, "GUARDRAIL_PRICES: cannot read prices file"),
+        ({"GUARDRAIL_PRICES": "prices.csv"}, "must end in .json or .toml"),
+    ],
+)
+def test_bad_prices_from_the_environment_name_the_variable(environ: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Settings.load(environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("prices = 3", "prices must be a table of models"),
+        ('[prices.m]\ninput = "0.15"\noutput = 1', "prices.m.input must be USD per million tokens"),
+        ("[prices.m]\ninput = 1\noutput = 1\ncurrency = 1", "unknown key(s) currency"),
+        ("[prices]\nm = 0.15", "prices.m must be a table with input and output"),
+    ],
+)
+def test_bad_prices_in_toml_name_the_file(tmp_path: Path, text: str, words: str) -> None:
+    config = write_toml(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={}, config=config)
+    assert str(info.value).startswith(f"{config}: ")
+    assert words in str(info.value)
