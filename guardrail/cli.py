@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--target-pass", type=float, help="on-topic pass rate to calibrate for (default 0.95)")
     serve.add_argument("--threads", type=int, help="encoder threads per worker (default 1)")
     serve.add_argument(
+        "--prices",
+        help="USD per million input and output tokens by model: a .toml or .json file, or inline JSON "
+        '(e.g. \'{"gpt-4o-mini": {"input": 0.15, "output": 0.6}}\'); without it savings count tokens only',
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes (default 1); their metrics add up in one scrape, each has its own log file",
+    )
+    serve.add_argument(
         "--classifier", type=Path, help="a layer-3 model from `guardrail retrain` (reloaded when it changes)"
     )
     serve.add_argument(
@@ -112,6 +122,22 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--threads", type=int, help="encoder threads (default: the cores, up to 4)")
     retrain.set_defaults(run=_retrain)
 
+    report = commands.add_parser(
+        "report", help="an HTML report of interaction logs: verdicts, savings, latency, blocked topics"
+    )
+    report.add_argument(
+        "--logs", required=True, nargs="+", type=Path, metavar="PATH", help="interaction logs (with backups)"
+    )
+    report.add_argument("--out", required=True, type=Path, help="the HTML file to write")
+    report.add_argument("--top", type=int, default=20, help="blocked topics to show (default 20)")
+    report.add_argument(
+        "--max-texts", type=int, default=5000, help="most recent refused messages to group (default 5000)"
+    )
+    report.add_argument("--model", help="encoder: directory, installed model package or hub name")
+    report.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
+    report.add_argument("--threads", type=int, help="encoder threads (default: the cores, up to 4)")
+    report.set_defaults(run=_report)
+
     export = commands.add_parser("export-model", help="export the encoder to ONNX into the cache")
     export.add_argument("--model", help="directory, installed model package or hub name")
     export.add_argument("--cache-dir", type=Path, help="cache directory (default ~/.cache/guardrail)")
@@ -156,11 +182,7 @@ NO_SCENARIO = "no scenario document: give --scenario, GUARDRAIL_SCENARIO or scen
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from guardrail.errors import ConfigError
-    from guardrail.guard import Guard
-    from guardrail.proxy import create_app
 
     flags = {
         name: getattr(args, name)
@@ -178,6 +200,8 @@ def _serve(args: argparse.Namespace) -> int:
             "target_pass",
             "threads",
             "classifier",
+            "workers",
+            "prices",
         )
     }
     settings = Settings.load(config=args.config, **flags)
@@ -185,6 +209,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(NO_SCENARIO)
     if settings.upstream is None:
         raise ConfigError("no upstream: give --upstream, GUARDRAIL_UPSTREAM or upstream = in --config")
+    if settings.workers > 1:
+        # Before the app's imports below: the parent loads no model, and needs neither onnxruntime nor
+        # the app (the workers import them afresh, spawned).
+        from guardrail.workers import ServeOptions, serve_workers
+
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+        return serve_workers(settings, ServeOptions(log_level=args.log_level, access_log=args.access_log))
+
+    import uvicorn
+
+    from guardrail.guard import Guard
+    from guardrail.proxy import create_app
+
     guard = Guard.from_settings(settings)
     app = create_app(settings, guard)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -275,6 +312,28 @@ def _eval(args: argparse.Namespace) -> int:
     )
     if args.plot:
         print(f"ROC curve written to {args.plot}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from guardrail.report import run
+
+    settings = Settings.load(model=args.model, cache_dir=args.cache_dir)
+    # A batch job: unlike the server, it gains from the encoder using every core.
+    threads = args.threads if args.threads is not None else min(4, os.cpu_count() or 1)
+    summary = run(
+        args.logs,
+        args.out,
+        model=settings.model,
+        cache_dir=settings.cache_path,
+        top=args.top,
+        max_texts=args.max_texts,
+        threads=threads,
+    )
+    print(
+        f"wrote {summary.out}: {summary.requests} requests, {summary.verdicts.get('blocked', 0)} blocked, "
+        f"{summary.topics} blocked topics"
+    )
     return 0
 
 

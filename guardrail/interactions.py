@@ -17,18 +17,24 @@ it past ``max_bytes``, ``path`` becomes ``path.1``, ``path.1`` becomes ``path.2`
 alone in a fresh file. The file is opened for appending, so a restart continues it. An I/O error in the
 writer (disk full, permissions) is logged once per kind, the lines it lost are counted in ``dropped``,
 and the next batch reopens the file. Rotation assumes one writer per file: give each process its own path.
+``guardrail serve --workers N`` does: worker ``i`` writes ``worker_log_path(path, i)``
+(``interactions.jsonl`` becomes ``interactions.w0.jsonl``, ``interactions.w1.jsonl``, ...), the same name
+after a restart, so the files do not multiply.
 
-``read_interactions`` reads the files back for retraining; ``log_files`` lists them oldest first.
+``read_interactions`` reads the files back for retraining; ``log_files`` lists them, the workers' files
+and every rotation included, oldest first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import heapq
 import itertools
 import logging
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -281,15 +287,53 @@ class InteractionLog:
             )
 
 
-def log_files(path: Path | str) -> list[Path]:
-    """The log file and its backups that exist, oldest first: ``path.N``, ..., ``path.1``, ``path``."""
+def worker_log_path(path: Path | str, index: int) -> Path:
+    """Worker ``index``'s own log beside ``path``: ``interactions.jsonl`` -> ``interactions.w0.jsonl``."""
     path = Path(path)
+    return path.with_name(f"{path.stem}.w{index}{path.suffix}")
+
+
+def log_files(path: Path | str) -> list[Path]:
+    """The log files of ``path`` that exist, oldest first, each once: ``path`` with its backups
+    (``path.N``, ..., ``path.1``, ``path``), and the files of every worker that wrote beside it
+    (``worker_log_path``) with theirs.
+
+    One writer's files keep their own order. The writers' files are interleaved by when each was last
+    written (its modification time): one writer's rotations do not line up with another's, and this
+    puts a file that ended earlier before one that ended later.
+    """
+    path = Path(path)
+    # Indexes as worker_log_path writes them ("w01" is no worker's), each with its backups.
+    name = rf"{re.escape(path.stem)}\.w(0|[1-9][0-9]*){re.escape(path.suffix)}(?:\.[0-9]+)?"
+    pattern = re.compile(name)
+    workers: set[int] = set()
+    for candidate in path.parent.glob(f"{glob.escape(path.stem)}.w*"):
+        match = pattern.fullmatch(candidate.name)
+        if match:
+            workers.add(int(match.group(1)))
+    writers = [_rotations(path)] + [_rotations(worker_log_path(path, i)) for i in sorted(workers)]
+    if len(writers) == 1:
+        return writers[0]
+    # heapq.merge takes each list's files in their order and breaks ties by list: a file whose time
+    # is off (copied without its timestamps) cannot put one writer's files out of order.
+    return list(heapq.merge(*writers, key=_modified))
+
+
+def _rotations(path: Path) -> list[Path]:
+    """One writer's file and its backups that exist, oldest first: ``path.N``, ..., ``path.1``, ``path``."""
     backups: list[tuple[int, Path]] = []
     for candidate in path.parent.glob(glob.escape(path.name) + ".*"):
         suffix = candidate.name[len(path.name) + 1 :]
         if suffix.isascii() and suffix.isdigit():
             backups.append((int(suffix), candidate))
     return [p for _, p in sorted(backups, reverse=True)] + ([path] if path.exists() else [])
+
+
+def _modified(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # rotated away since it was listed: it sorts first, and reading it will say so
+        return 0
 
 
 def read_interactions(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:

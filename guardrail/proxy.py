@@ -5,7 +5,13 @@ judged; a blocked request is answered here with the refusal and never reaches th
 passed one goes on with layer 2's instruction added to its system message (unless the ``instruction``
 setting is off, or in shadow mode: see ``Gate.instruct``). Every other method and path goes to the
 upstream unchanged (query, headers, Authorization, body, status, streaming). The proxy's own endpoints
-are ``/metrics``, ``/healthz`` and the admin endpoints under ``/guardrail/`` (see ``admin.py``).
+are ``/metrics``, ``/healthz``, ``/readyz`` and the admin endpoints under ``/guardrail/`` (see
+``admin.py``).
+
+``/healthz``: the process is alive. ``/readyz``: the guard is loaded (a configured classifier that does
+not exist yet is fine: layer 1 decides) and the upstream accepts a TCP connection where the pool connects
+(its HTTP(S)_PROXY, if one applies); that check (``upstream.UpstreamCheck``) is shared by concurrent
+probes and kept ``READY_TTL`` s.
 
 Upstream URL: the request path is appended to it, unless the upstream URL already ends with the path's
 first segments, so ``--upstream https://api.openai.com/v1`` and ``--upstream https://api.openai.com``
@@ -41,17 +47,18 @@ from guardrail.asgi import (
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
-from guardrail.metrics import Metrics
+from guardrail.metrics import Metrics, multiprocess
 from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
 from guardrail.protocols.openai import OpenAIChat, error_body
 from guardrail.relay import RelayOutcome, UpstreamRelay, relay, without_hop_by_hop
 from guardrail.settings import Settings
-from guardrail.upstream import Upstream, UpstreamError
+from guardrail.upstream import READY_TIMEOUT, Upstream, UpstreamCheck, UpstreamError
 
 logger = logging.getLogger("guardrail.proxy")
 
 GUARDED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+DEPTH_INTERVAL = 1.0  # seconds between log queue depth samples, with several workers
 
 
 def create_app(
@@ -85,11 +92,15 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if log is not None:
             log.start()
+        sampling = asyncio.create_task(_sample_depth(gate)) if multiprocess() and log is not None else None
         try:
             # The classifier watcher and SIGHUP (see guardrail/admin.py), for the app's lifetime.
             async with watching(reloader):
                 yield
         finally:
+            if sampling is not None:
+                sampling.cancel()
+                await asyncio.gather(sampling, return_exceptions=True)
             # What was passed in belongs to the caller; what was made here is closed here.
             if owns_upstream:
                 await proxy.upstream.aclose()
@@ -101,6 +112,7 @@ def create_app(
     routes = [
         Route("/metrics", proxy.metrics, methods=["GET"]),
         Route("/healthz", proxy.healthz, methods=["GET"]),
+        Route("/readyz", proxy.readyz, methods=["GET"]),
         # Before the catch-all, so nothing under /guardrail/ is ever sent upstream.
         *admin_routes(gate, reloader),
         Route("/{path:path}", proxy.passthrough, methods=METHODS),
@@ -110,6 +122,14 @@ def create_app(
     app.state.proxy = proxy
     app.chat = proxy.chat
     return app
+
+
+async def _sample_depth(gate: Gate) -> None:
+    """Keep this worker's share of ``guardrail_log_queue_depth`` fresh: a scrape reaches one worker, and
+    adds up the values every worker last set."""
+    while gate.log is not None:
+        gate.metrics.log_depth.set(gate.log.depth)
+        await asyncio.sleep(DEPTH_INTERVAL)
 
 
 class _ProxyApp(Starlette):
@@ -134,6 +154,7 @@ class Proxy:
         self.gate = gate
         self.upstream = upstream
         self.protocol = protocol
+        self.upstream_check = UpstreamCheck.of(upstream, min(READY_TIMEOUT, settings.connect_timeout))
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
@@ -145,6 +166,21 @@ class Proxy:
     async def healthz(self, request: Request) -> Response:
         """The process is alive and serving."""
         return JSONResponse({"status": "ok", "scenario": self.gate.scenario})
+
+    async def readyz(self, request: Request) -> Response:
+        """Ready to serve: the guard is loaded and the upstream accepts connections; else 503."""
+        try:
+            problem = await self.upstream_check.problem()
+        except Exception as exc:  # a probe gets an answer, never a traceback
+            logger.exception("the readiness check failed")
+            problem = f"the readiness check failed: {type(exc).__name__}"
+        if problem is not None:
+            headers = {"retry-after": str(round(self.upstream_check.ttl))}
+            return error_response(503, f"not ready: {problem}", "upstream_error", headers)
+        classifier = self.gate.guard.classifier
+        name = classifier.name if classifier is not None else None
+        ready = {"status": "ready", "scenario": self.gate.scenario, "classifier": name}
+        return JSONResponse({**ready, "upstream": self.upstream_check.address})
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A guarded chat completion (ASGI): judged, then refused here or relayed upstream."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -191,7 +192,76 @@ class Upstream:
             )
         return UpstreamResponse(response)
 
+    def address(self) -> tuple[str, int]:
+        """Where the pool connects for this upstream: its host and port, or those of the HTTP(S)_PROXY
+        its requests go through."""
+        origin = yarl.URL(self.origin)
+        via = self._proxy(origin)
+        target = yarl.URL(via) if via else origin
+        return target.host or "", target.port or (443 if target.scheme == "https" else 80)
+
     async def aclose(self) -> None:
         """Close the pool's connections."""
         if self._session is not None:
             await self._session.close()
+
+
+READY_TTL = 5.0  # seconds an upstream check answers /readyz
+READY_TIMEOUT = 2.0  # seconds the upstream gets to accept the check's connection (or connect_timeout)
+
+
+class UpstreamCheck:
+    """Whether the upstream accepts a TCP connection, found out at most once every ``ttl`` seconds."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float = READY_TIMEOUT,
+        ttl: float = READY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.ttl = ttl
+        self._clock = clock
+        self._last: tuple[float, str | None] | None = None  # (when, the problem or None)
+        self._running: asyncio.Task[str | None] | None = None
+
+    @classmethod
+    def of(cls, upstream: Upstream, timeout: float = READY_TIMEOUT) -> UpstreamCheck:
+        """The check of the address ``upstream``'s connection pool connects to."""
+        return cls(*upstream.address(), timeout)
+
+    @property
+    def address(self) -> str:
+        """host:port, as a message names it."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def problem(self) -> str | None:
+        """What keeps the upstream from being reached, or None when it accepts connections."""
+        if self._last is not None and self._clock() - self._last[0] < self.ttl:
+            return self._last[1]
+        if self._running is None:
+            self._running = asyncio.get_running_loop().create_task(self._connect())
+            self._running.add_done_callback(self._done)
+        # Shielded: a probe that gives up does not cancel the check the others wait for.
+        return await asyncio.shield(self._running)
+
+    def _done(self, task: asyncio.Task[str | None]) -> None:
+        self._running = None
+        if not task.cancelled() and task.exception() is None:
+            self._last = (self._clock(), task.result())
+
+    async def _connect(self) -> str | None:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+        except asyncio.TimeoutError:  # before OSError: it is one
+            return f"the upstream ({self.address}) did not accept a connection within {self.timeout:g} s"
+        except OSError as exc:
+            return f"the upstream ({self.address}) cannot be reached: {exc.strerror or exc}"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None

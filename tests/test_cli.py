@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import uvicorn
 
+from guardrail import workers
 from guardrail.cli import main
 from guardrail.guard import Guard
 from guardrail.models import DEFAULT_MODEL, content_key, resolve_model
+from guardrail.settings import Settings, cores
+from guardrail.workers import ServeOptions
 
 from classifiers import write_classifier
 from commands import run_cli
@@ -246,6 +249,78 @@ def test_serve_missing_scenario_file_exits_2(
     assert code == 2
     assert "nope.md" in capsys.readouterr().err
     assert served == []
+
+
+@pytest.fixture
+def supervised(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Settings, ServeOptions]]:
+    """Stand in for ``serve_workers``: keep what it was given instead of starting processes."""
+    calls: list[tuple[Settings, ServeOptions]] = []
+
+    def serve_workers(settings: Settings, options: ServeOptions) -> int:
+        calls.append((settings, options))
+        return 0
+
+    monkeypatch.setattr(workers, "serve_workers", serve_workers)
+    return calls
+
+
+def test_serve_workers_flag_starts_the_supervisor(
+    real_estate_path: Path,
+    served: list[uvicorn.Config],
+    supervised: list[tuple[Settings, ServeOptions]],
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "i.jsonl"
+    args = serve_args(real_estate_path, "--workers", "2", "--log-path", str(log), "--log-level", "warning")
+    assert main([*args, "--access-log"]) == 0
+    [(settings, options)] = supervised
+    assert settings.workers == 2
+    assert settings.log_path == log  # each worker derives its own file from it
+    assert settings.encoders == max(1, cores() // 2)  # the cores shared out
+    assert options == ServeOptions(log_level="warning", access_log=True)
+    assert served == []  # the parent serves nothing itself
+
+
+def test_serve_workers_keep_encoder_workers_that_were_chosen(
+    real_estate_path: Path,
+    served: list[uvicorn.Config],
+    supervised: list[tuple[Settings, ServeOptions]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config_file = tmp_path / "guardrail.toml"
+    config_file.write_text("workers = 3\nencoder_workers = 2\n", encoding="utf-8")  # = the default
+    assert main([*serve_args(real_estate_path), "--config", str(config_file)]) == 0
+    monkeypatch.setenv("GUARDRAIL_ENCODER_WORKERS", "5")
+    monkeypatch.setenv("GUARDRAIL_WORKERS", "4")
+    assert main(serve_args(real_estate_path)) == 0
+    assert [(s.workers, s.encoders) for s, _ in supervised] == [(3, 2), (4, 5)]
+
+
+def test_serve_one_worker_is_the_single_process_server(
+    cache_env: Path,
+    real_estate_path: Path,
+    served: list[uvicorn.Config],
+    supervised: list[tuple[Settings, ServeOptions]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert main(serve_args(real_estate_path, "--workers", "1", "--log-path", "")) == 0
+    assert supervised == []
+    [config] = served
+    assert config.app.state.proxy.settings.encoders == 2  # the default, unchanged
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # no multiprocess directory
+
+
+def test_serve_zero_workers_exits_2(
+    served: list[uvicorn.Config],
+    supervised: list[tuple[Settings, ServeOptions]],
+    real_estate_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(serve_args(real_estate_path, "--workers", "0")) == 2
+    assert capsys.readouterr().err == "guardrail: error: workers must be at least 1, got 0\n"
+    assert (served, supervised) == ([], [])
 
 
 # --- check ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from guardrail.errors import ConfigError, DataError
-from guardrail.interactions import InteractionLog, log_files, new_id, read_interactions
+from guardrail.interactions import InteractionLog, log_files, new_id, read_interactions, worker_log_path
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -414,3 +414,84 @@ def test_new_id_differs_in_a_forked_worker() -> None:
     os.close(read)
     assert re.fullmatch(r"gr-[0-9a-f]{24}", child)
     assert child[:15] != first[:15]  # another prefix, not just the next number
+
+
+# --- several workers: one file each, read back together ----------------------------------------------
+
+
+def write_lines(path: Path, records: list[dict[str, Any]], modified: int) -> Path:
+    """A log file holding ``records``, last written at ``modified`` (seconds since the epoch)."""
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    os.utime(path, ns=(modified * 10**9, modified * 10**9))
+    return path
+
+
+def test_worker_log_path_is_beside_the_configured_one(tmp_path: Path) -> None:
+    assert worker_log_path(tmp_path / "interactions.jsonl", 0) == tmp_path / "interactions.w0.jsonl"
+    assert worker_log_path("logs/interactions.jsonl", 12) == Path("logs/interactions.w12.jsonl")
+    assert worker_log_path("interactions", 1) == Path("interactions.w1")
+
+
+def test_log_files_gathers_every_workers_files_and_rotations_oldest_first(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.jsonl"
+    w0, w1 = worker_log_path(path, 0), worker_log_path(path, 1)
+    # A single-process log from before, then two workers whose rotations interleave in time.
+    files = [
+        write_lines(path.with_name("interactions.jsonl.1"), [{"i": 0}], 100),
+        write_lines(path, [{"i": 1}], 200),
+        write_lines(w1.with_name("interactions.w1.jsonl.2"), [{"i": 2}], 300),
+        write_lines(w0.with_name("interactions.w0.jsonl.1"), [{"i": 3}], 400),
+        write_lines(w1.with_name("interactions.w1.jsonl.1"), [{"i": 4}], 500),
+        write_lines(w0, [{"i": 5}], 600),
+        write_lines(w1, [{"i": 6}], 700),
+    ]
+    # Neither other logs in the directory nor names no worker writes are taken.
+    for other in (
+        "interactions.w01.jsonl",
+        "interactions.wx.jsonl",
+        "other.w0.jsonl",
+        "interactions.w0.json",
+    ):
+        write_lines(tmp_path / other, [{"i": -1}], 650)
+
+    assert log_files(path) == files
+    assert [r["i"] for r in all_records(path)] == list(range(7))
+    # One worker's own file lists that worker's files only.
+    assert log_files(w1) == [files[2], files[4], files[6]]
+
+
+def test_log_files_keeps_each_workers_order_whatever_the_timestamps(tmp_path: Path) -> None:
+    # Copied without their timestamps: a worker's newer file may look older than its backup.
+    path = tmp_path / "log.jsonl"
+    w0, w1 = worker_log_path(path, 0), worker_log_path(path, 1)
+    w0_old = write_lines(w0.with_name("log.w0.jsonl.1"), [{"i": "w0 old"}], 500)
+    w0_new = write_lines(w0, [{"i": "w0 new"}], 100)
+    w1_only = write_lines(w1, [{"i": "w1"}], 300)
+    files = log_files(path)
+    assert files.index(w0_old) < files.index(w0_new)
+    assert sorted(files) == sorted([w0_old, w0_new, w1_only])  # each once
+
+
+def test_log_files_sorts_worker_indexes_as_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    written = [write_lines(worker_log_path(path, i), [{"i": i}], 100) for i in (10, 2, 0)]
+    assert log_files(path) == written[::-1]  # equal times: by worker index, 0, 2, 10
+
+
+def test_worker_logs_rotate_apart_and_read_back_whole(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.jsonl"
+    logs = [InteractionLog(worker_log_path(path, i), max_bytes=300, backups=50) for i in range(2)]
+    for log in logs:
+        log.start()
+    for i in range(100):
+        logs[i % 2].write({"i": i, "pad": "x" * 20})
+    for log in logs:
+        log.close()
+    files = log_files(path)
+    assert len(files) > 4
+    assert not path.exists()
+    records = [r["i"] for r in read_interactions(files)]
+    assert sorted(records) == list(range(100))  # every record once
+    # Each worker's records in the order it wrote them.
+    assert [i for i in records if i % 2 == 0] == list(range(0, 100, 2))
+    assert [i for i in records if i % 2 == 1] == list(range(1, 100, 2))

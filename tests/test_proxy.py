@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.client
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -20,6 +21,7 @@ import pytest
 from guardrail.guard import Guard
 from guardrail.proxy import create_app
 from guardrail.settings import DEFAULT_REFUSAL, Settings
+from guardrail.upstream import Upstream, UpstreamCheck
 
 from samples import OFF_TOPIC, ON_TOPIC
 from upstreams import (
@@ -290,6 +292,116 @@ def test_healthz_answers_here(proxy: ProxyServer, fake_upstream: FakeOpenAI, gua
 
     assert response.json() == {"status": "ok", "scenario": guard.document.name}
     assert fake_upstream.requests == []
+
+
+# Readiness ------------------------------------------------------------------------------------------
+
+
+def test_readyz_is_ready_with_a_reachable_upstream(
+    proxy: ProxyServer, fake_upstream: FakeOpenAI, guard: Guard
+) -> None:
+    response = proxy.http().get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ready",
+        "scenario": guard.document.name,
+        "classifier": None,
+        "upstream": fake_upstream.url.removeprefix("http://"),
+    }
+    assert fake_upstream.requests == []  # a connection, not a request
+
+
+def test_readyz_is_ready_while_the_configured_classifier_does_not_exist_yet(
+    start_proxy: StartProxy, fake_upstream: FakeOpenAI, tmp_path: Path
+) -> None:
+    proxy = start_proxy(fake_upstream.url, classifier=tmp_path / "later.onnx")
+    assert proxy.http().get("/readyz").json()["status"] == "ready"
+
+
+def test_readyz_is_503_when_the_upstream_cannot_be_reached(start_proxy: StartProxy) -> None:
+    port = closed_port()
+    proxy = start_proxy(f"http://127.0.0.1:{port}")
+
+    response = proxy.http().get("/readyz")
+
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS
+    assert error["type"] == "upstream_error"
+    assert error["message"].startswith(f"not ready: the upstream (127.0.0.1:{port}) cannot be reached: ")
+    assert response.headers["retry-after"] == "5"
+    assert proxy.http().get("/healthz").status_code == 200  # alive all the same
+
+
+def test_readyz_keeps_its_answer_for_a_few_seconds(start_proxy: StartProxy) -> None:
+    port = closed_port()
+    proxy = start_proxy(f"http://127.0.0.1:{port}")
+    assert proxy.http().get("/readyz").status_code == 503
+    with socket.create_server(("127.0.0.1", port)):
+        # Up now, but the probe is answered from the last check (a fresh one: see the next tests).
+        assert proxy.http().get("/readyz").status_code == 503
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_upstream_check_connects_once_per_ttl_and_shares_a_check() -> None:
+    connections = 0
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clock = Clock()
+        check = UpstreamCheck("127.0.0.1", port, ttl=5.0, clock=clock)
+        async with server:
+            assert await check.problem() is None
+            clock.now += 4.9
+            assert await check.problem() is None
+            await asyncio.sleep(0.05)
+            assert connections == 1
+            clock.now += 0.1  # stale now: concurrent probes share one new check
+            assert await asyncio.gather(*(check.problem() for _ in range(5))) == [None] * 5
+            await asyncio.sleep(0.05)
+            assert connections == 2
+        clock.now += 5
+        problem = await check.problem()  # the server is gone
+        assert problem is not None and problem.startswith(
+            f"the upstream (127.0.0.1:{port}) cannot be reached"
+        )
+
+    asyncio.run(main())
+
+
+def test_upstream_check_gives_up_after_its_timeout() -> None:
+    async def main() -> str | None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+            return await UpstreamCheck("127.0.0.1", port, timeout=0).problem()
+
+    problem = asyncio.run(main())
+    assert problem is not None and "did not accept a connection within 0 s" in problem
+
+
+def test_upstream_check_goes_where_the_pool_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert UpstreamCheck.of(Upstream("https://api.example.com/v1")).address == "api.example.com:443"
+    monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
+    assert UpstreamCheck.of(Upstream("https://api.example.com/v1")).address == "proxy.internal:3128"
+    assert UpstreamCheck.of(Upstream("https://api.example.com", trust_env=False)).address == (
+        "api.example.com:443"
+    )
 
 
 # Upstream failures ----------------------------------------------------------------------------------
