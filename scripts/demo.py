@@ -76,13 +76,17 @@ def main() -> int:
             print(f"== Prometheus metrics, served at {base}/metrics while the proxy runs:")
             with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
                 for line in response.read().decode().splitlines():
-                    if line.startswith("guardrail_requests_total{"):
+                    if line.startswith(SHOWN):
                         print(f"   {line}")
         finally:
             proxy.terminate()
             proxy.wait(timeout=20)
     print(f"== done; the log is complete now: {sum(1 for _ in log_path.open())} lines in {log_path}")
     return 0
+
+
+# The requests by verdict, and the tokens refusing them saved (estimated: see the README's "Savings").
+SHOWN = ("guardrail_requests_total{", "guardrail_tokens_saved_total{", "guardrail_upstream_tokens_total{")
 
 
 def _ask(client: OpenAI) -> None:

@@ -356,6 +356,10 @@ def test_toml_tables_are_unknown_settings(tmp_path: Path) -> None:
         ("scenario = 3", "scenario must be a path, got 3"),
         ("log_path = false", "log_path must be a path, got False"),
         ("read_timeout = [1, 2]", "read_timeout=[1, 2] is not a valid float"),
+        ("prices = 3", "prices must be a table of models"),
+        ('[prices.m]\ninput = "0.15"\noutput = 1', "prices.m.input must be USD per million tokens"),
+        ("[prices.m]\ninput = 1\noutput = 1\ncurrency = 1", "unknown key(s) currency"),
+        ("[prices]\nm = 0.15", "prices.m must be a table with input and output"),
     ],
 )
 def test_wrong_toml_types_are_config_errors_naming_the_file(tmp_path: Path, line: str, words: str) -> None:
@@ -594,20 +598,3 @@ def test_no_prices_by_default() -> None:
 def test_bad_prices_from_the_environment_name_the_variable(environ: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(words)):
         Settings.load(environ=environ)
-
-
-@pytest.mark.parametrize(
-    ("text", "words"),
-    [
-        ("prices = 3", "prices must be a table of models"),
-        ('[prices.m]\ninput = "0.15"\noutput = 1', "prices.m.input must be USD per million tokens"),
-        ("[prices.m]\ninput = 1\noutput = 1\ncurrency = 1", "unknown key(s) currency"),
-        ("[prices]\nm = 0.15", "prices.m must be a table with input and output"),
-    ],
-)
-def test_bad_prices_in_toml_name_the_file(tmp_path: Path, text: str, words: str) -> None:
-    config = write_toml(tmp_path, text + "\n")
-    with pytest.raises(ConfigError) as info:
-        Settings.load(environ={}, config=config)
-    assert str(info.value).startswith(f"{config}: ")
-    assert words in str(info.value)
