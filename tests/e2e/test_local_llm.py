@@ -22,6 +22,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from guardrail.settings import DEFAULT_REFUSAL
 
@@ -201,3 +202,43 @@ def test_the_log_has_one_line_per_request_and_no_secrets(
     assert passed["latency_ms"]["total"] >= passed["latency_ms"]["upstream_first_byte"]
     blocked = records[1]
     assert blocked["upstream"]["status"] is None and blocked["reply"] == DEFAULT_REFUSAL
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples in a Prometheus scrape."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def test_the_metrics_count_tokens_used_and_saved_against_the_real_llm(
+    llama: LlamaServer, model_cache: Path, tmp_path: Path
+) -> None:
+    prices = '{"local": {"input": 1.0, "output": 2.0}}'  # USD per million tokens
+    server = Guardrail(llama.base_url, tmp_path / "log.jsonl", model_cache, "--prices", prices)
+    try:
+        _, passed = chat(server.client(), ON_TOPIC, stream=False)  # non-streamed: llama.cpp reports usage
+        _, blocked = chat(server.client(), OFF_TOPIC, stream=False)
+        assert (passed["x-guardrail-verdict"], blocked["x-guardrail-verdict"]) == ("passed", "blocked")
+        scrape = httpx.get(f"{server.base_url}/metrics").text
+        ready = httpx.get(f"{server.base_url}/readyz")
+    finally:
+        records = server.stop()
+    usage = records[0]["upstream"]["usage"]
+    used = usage["prompt_tokens"] + usage["completion_tokens"]
+    assert metric(scrape, "guardrail_upstream_tokens_total") == used
+    assert metric(scrape, "guardrail_upstream_cost_usd_total") == pytest.approx(
+        (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
+    )
+    saved = records[1]["saved"]
+    assert saved["layer"] == "similarity" and not saved["shadow"]
+    assert saved["prompt_tokens"] > 0 and saved["completion_tokens"] > 0
+    assert metric(scrape, "guardrail_tokens_saved_total") == pytest.approx(
+        saved["prompt_tokens"] + saved["completion_tokens"]
+    )
+    assert saved["usd"] > 0
+    assert metric(scrape, "guardrail_cost_saved_usd_total") == pytest.approx(saved["usd"])
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
