@@ -332,7 +332,7 @@ def _report(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {summary.out}: {summary.requests} requests, {summary.verdicts.get('blocked', 0)} blocked, "
-        f"{summary.topics} blocked topics"
+        f"{summary.topics} blocked topics of two messages or more"
     )
     return 0
 

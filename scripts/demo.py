@@ -76,7 +76,7 @@ def main() -> int:
             print(f"== Prometheus metrics, served at {base}/metrics while the proxy runs:")
             with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
                 for line in response.read().decode().splitlines():
-                    if line.startswith(SHOWN):
+                    if line.startswith(SHOWN) and not line.endswith(" 0.0"):
                         print(f"   {line}")
         finally:
             proxy.terminate()
