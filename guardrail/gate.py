@@ -22,7 +22,7 @@ from guardrail.guard import Guard, Query, Verdict
 from guardrail.interactions import InteractionLog, new_id
 from guardrail.layers.classifier import Classifier
 from guardrail.layers.instruction import RefusalDetector, build_instruction
-from guardrail.metrics import VERDICTS, Metrics
+from guardrail.metrics import VERDICTS, Metrics, multiprocess
 from guardrail.prices import PriceTable
 from guardrail.protocols.base import ChatProtocol, Conversation
 from guardrail.settings import DEFAULT_REFUSAL, Mode, Settings
@@ -120,6 +120,11 @@ class Gate:
         self._classifier: Classifier | None = None
         self._classifier_label: str | None = None
         self._show_classifier()
+        # The log queue's depth: read when scraped in one process. Values shared by worker processes
+        # are written, not read, so there every record sets it (and the proxy samples idle workers).
+        self._depth_per_record = multiprocess()
+        if not self._depth_per_record:
+            self.metrics.log_depth.set_function(lambda: self.log.depth if self.log is not None else 0)
 
     @classmethod
     def from_settings(
@@ -249,7 +254,8 @@ class Gate:
         }
         if not self.log.write(record):
             self.metrics.log_dropped.inc()
-        self.metrics.log_depth.set(self.log.depth)
+        if self._depth_per_record:
+            self.metrics.log_depth.set(self.log.depth)
 
     def _show_classifier(self) -> None:
         """Point ``guardrail_classifier_info`` at the classifier in force (a reload changes it)."""

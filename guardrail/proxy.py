@@ -158,9 +158,6 @@ class Proxy:
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
-        log = self.gate.log
-        if log is not None:
-            self.gate.metrics.log_depth.set(log.depth)
         return Response(self.gate.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:

@@ -327,6 +327,25 @@ def test_a_dropped_record_is_counted(
     assert not (tmp_path / "interactions.jsonl").exists()
 
 
+def test_the_log_queue_depth_is_read_when_scraped(
+    guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    log = InteractionLog(tmp_path / "interactions.jsonl")  # not started: records wait in the queue
+    gate = make_gate(guard, metrics, log=log)
+    conversation = Conversation(text=ON_TOPIC[2])
+    try:
+        for _ in range(2):
+            gate.record(decide(gate, conversation), conversation, "/v1/chat/completions")
+        assert registry.get_sample_value("guardrail_log_queue_depth") == 2
+        log.start()
+        log.close()  # written out
+        assert registry.get_sample_value("guardrail_log_queue_depth") == 0  # no request since
+    finally:
+        gate.batcher.close()
+    gate.log = None
+    assert registry.get_sample_value("guardrail_log_queue_depth") == 0
+
+
 def test_gate_defaults(guard: Guard) -> None:
     gate = Gate(guard)
     try:
