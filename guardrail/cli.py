@@ -315,12 +315,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_threads(args: argparse.Namespace) -> int:
+    """Encoder threads for a batch job (retrain, report): unlike the server, it gains from every core."""
+    return int(args.threads) if args.threads is not None else min(4, os.cpu_count() or 1)
+
+
 def _report(args: argparse.Namespace) -> int:
     from guardrail.report import run
 
     settings = Settings.load(model=args.model, cache_dir=args.cache_dir)
-    # A batch job: unlike the server, it gains from the encoder using every core.
-    threads = args.threads if args.threads is not None else min(4, os.cpu_count() or 1)
+    threads = _batch_threads(args)
     summary = run(
         args.logs,
         args.out,
@@ -341,8 +345,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from guardrail.guard import Guard
     from guardrail.training import retrain
 
-    # A batch job: unlike the server, it gains from the encoder using every core.
-    threads = args.threads if args.threads is not None else min(4, os.cpu_count() or 1)
+    threads = _batch_threads(args)
     settings = Settings.load(
         model=args.model, cache_dir=args.cache_dir, target_pass=args.target_pass, threads=threads
     )

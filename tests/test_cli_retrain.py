@@ -18,6 +18,10 @@ def retrain_args(scenario: Path, out: Path, *logs: Path) -> list[str]:
     return ["retrain", "--scenario", str(scenario), "--out", str(out), "--logs", *map(str, logs)]
 
 
+def eval_args(scenario: Path, data: Path, classifier: Path, *extra: str) -> list[str]:
+    return ["eval", "--scenario", str(scenario), "--data", str(data), "--classifier", str(classifier), *extra]
+
+
 def flipped_log(path: Path, rows: list[dict[str, Any]]) -> Path:
     """A log whose confident decisions are all wrong: on-topic texts blocked, off-topic ones passed."""
     records = [
@@ -161,8 +165,7 @@ def test_eval_with_a_classifier_json(
     test_data: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = ["eval", "--json", "--scenario", str(real_estate_path), "--data", str(test_data)]
-    assert main([*args, "--classifier", str(promoted)]) == 0
+    assert main(eval_args(real_estate_path, test_data, promoted, "--json")) == 0
     result = json.loads(capsys.readouterr().out)
     assert list(result) == [*REPORT_KEYS, "classifier"]
     card = json.loads(promoted.with_suffix(".json").read_text())
@@ -173,7 +176,7 @@ def test_eval_with_a_classifier_json(
     assert result["auroc"] > 0.95
     assert result["pass_rate"] >= 0.8
     # Without the classifier the threshold is layer 1's, and there is no classifier key.
-    assert main(args) == 0
+    assert main(["eval", "--json", "--scenario", str(real_estate_path), "--data", str(test_data)]) == 0
     layer1 = json.loads(capsys.readouterr().out)
     assert list(layer1) == REPORT_KEYS
     assert layer1["threshold"] != result["threshold"]
@@ -182,15 +185,7 @@ def test_eval_with_a_classifier_json(
 def test_eval_with_a_classifier_text(
     promoted: Path, real_estate_path: Path, test_data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = [
-        "eval",
-        "--scenario",
-        str(real_estate_path),
-        "--data",
-        str(test_data),
-        "--classifier",
-        str(promoted),
-    ]
+    args = eval_args(real_estate_path, test_data, promoted)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"classifier {promoted} (layer 3 decides" in out
@@ -203,15 +198,7 @@ def test_eval_with_a_classifier_for_another_encoder_exits_2(
     card_file = promoted.with_suffix(".json")
     card = json.loads(card_file.read_text())
     card_file.write_text(json.dumps({**card, "encoder": "another/model@0123456789abcdef"}))
-    args = [
-        "eval",
-        "--scenario",
-        str(real_estate_path),
-        "--data",
-        str(test_data),
-        "--classifier",
-        str(promoted),
-    ]
+    args = eval_args(real_estate_path, test_data, promoted)
     assert main(args) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -237,17 +224,7 @@ def test_subprocess_retrain_then_eval(cache_env: Path, real_estate_path: Path, t
     )
     assert trained.returncode == 0, trained.stderr
     assert "Traceback" not in trained.stderr
-    args = [
-        "eval",
-        "--scenario",
-        str(real_estate_path),
-        "--classifier",
-        str(out),
-        "--data",
-        str(test),
-        "--json",
-    ]
-    evaluated = run_cli(*args, timeout=300)
+    evaluated = run_cli(*eval_args(real_estate_path, test, out, "--json"), timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout)
     assert list(result)[: len(REPORT_KEYS)] == REPORT_KEYS
