@@ -5,13 +5,16 @@
      ├── DataError            an evaluation or training file is malformed (names the file and line)
      ├── ModelError           a model cannot be resolved, exported or loaded
      │    └── MissingExtraError   an optional dependency is not installed (says what to install)
-     └── ConfigError          a setting is invalid
+     ├── ConfigError          a setting is invalid
+     └── UpstreamError        the upstream cannot be reached, timed out, or broke off (the proxy's 502/504)
 
 Library errors (onnxruntime, tokenizers, huggingface_hub, torch) are translated into these at the
 boundary with ``raise ... from``, so callers and the CLI only ever catch ``GuardrailError``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 
 class GuardrailError(Exception):
@@ -48,3 +51,24 @@ class MissingExtraError(ModelError):
 
 class ConfigError(GuardrailError):
     """A setting is invalid."""
+
+
+Failure = Literal["unreachable", "timeout", "broken"]
+
+
+class UpstreamError(GuardrailError):
+    """The upstream cannot be reached, did not answer in time, or broke off mid-response.
+
+    ``detail`` starts with the failure's name as httpx names it (ConnectError, ReadTimeout, ...):
+    library-neutral, and what people search their logs for.
+    """
+
+    def __init__(self, kind: Failure, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def status(self) -> int:
+        """What the client is answered with when no response has started: 504 or 502."""
+        return 504 if self.kind == "timeout" else 502

@@ -44,6 +44,7 @@ from guardrail.asgi import (
     respond,
     route_path,
 )
+from guardrail.errors import UpstreamError
 from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
@@ -52,7 +53,7 @@ from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
 from guardrail.protocols.openai import OpenAIChat, error_body
 from guardrail.relay import RelayOutcome, UpstreamRelay, relay, without_hop_by_hop
 from guardrail.settings import Settings
-from guardrail.upstream import READY_TIMEOUT, Upstream, UpstreamCheck, UpstreamError
+from guardrail.upstream import READY_TIMEOUT, Upstream, UpstreamCheck
 
 logger = logging.getLogger("guardrail.proxy")
 

@@ -19,9 +19,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from guardrail.asgi import ClientWatch
+from guardrail.errors import UpstreamError
 from guardrail.protocols.base import ReplyReader
 from guardrail.protocols.openai import error_body
-from guardrail.upstream import UpstreamError, UpstreamResponse
+from guardrail.upstream import UpstreamResponse
 
 logger = logging.getLogger("guardrail.proxy")
 

@@ -1,12 +1,17 @@
-"""The way to the upstream: one shared aiohttp connection pool, with timeouts and limits on by default.
+"""The way to the upstream: connection pools with timeouts and limits on by default.
+
+A guarded request that passed (the whole body in memory) goes through ``http1.Pool``, a lean HTTP/1.1
+client of our own, unless an HTTP(S)_PROXY applies; everything else (the passthrough, with bodies
+streamed from the client, and anything through a proxy) through one shared aiohttp session. Why two:
+see ``guardrail/http1.py``.
 
 Requests are sent as the client made them: no cookie jar (a shared one would send one user's session
 cookie with another user's request), no redirects followed, no default Accept, Accept-Encoding or
 User-Agent added, and bodies neither compressed nor decompressed. aiohttp's C-accelerated HTTP/1.1
 client is used directly: the proxy's hot path measured httpx's own transport at 1.0 to 2.5 ms of
 event-loop CPU per request, and httpx's request and response objects around aiohttp at a fifth of the
-loop's time (benchmarks/proxy_speed.py). Its errors become one ``UpstreamError`` here, at the boundary,
-which the proxy answers with 502 or 504.
+loop's time (benchmarks/proxy_speed.py). Errors become one ``UpstreamError`` at the boundary, which the
+proxy answers with 502 or 504.
 """
 
 from __future__ import annotations
@@ -16,28 +21,13 @@ import contextlib
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import yarl
 
-from guardrail.errors import ConfigError
-
-Failure = Literal["unreachable", "timeout", "broken"]
-
-
-class UpstreamError(Exception):
-    """The upstream cannot be reached, did not answer in time, or broke off mid-response."""
-
-    def __init__(self, kind: Failure, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.detail = detail
-
-    @property
-    def status(self) -> int:
-        """What the client is answered with when no response has started: 504 or 502."""
-        return 504 if self.kind == "timeout" else 502
+from guardrail.errors import ConfigError, Failure, UpstreamError
+from guardrail.http1 import Pool, Response
 
 
 @contextlib.contextmanager
@@ -72,8 +62,9 @@ def _describe(name: str, exc: BaseException) -> str:
     return f"{name}: {exc}" if str(exc) else name
 
 
-class UpstreamResponse:
-    """An upstream response whose body has not been read yet."""
+class AiohttpResponse:
+    """An upstream response through aiohttp whose body has not been read yet (the same interface as
+    ``http1.Response``)."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -104,6 +95,10 @@ class UpstreamResponse:
             self._response.close()
 
 
+# What ``Upstream.send`` returns: status, headers, content_type, chunks(), at_eof() and close().
+UpstreamResponse = AiohttpResponse | Response
+
+
 class Upstream:
     """Sends requests to one upstream URL's origin over a shared pool, created on first use."""
 
@@ -127,6 +122,16 @@ class Upstream:
         )
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str], str | None] = {}
+        self._is_direct: bool | None = None
+        # Guarded requests (the whole body in memory, no HTTP(S)_PROXY) take the lean client instead.
+        self._pool = Pool(
+            parsed.scheme,
+            parsed.raw_host or "",
+            parsed.port or (443 if parsed.scheme == "https" else 80),
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+        )
 
     def target(self, raw_path: bytes, query: bytes) -> str:
         """The upstream URL for a request path: the upstream's path, then the request's, overlap once."""
@@ -167,11 +172,21 @@ class Upstream:
             self._proxies[key] = proxy
         return self._proxies[key]
 
+    def _direct(self) -> bool:
+        """The origin is reached without an HTTP(S)_PROXY."""
+        if self._is_direct is None:
+            self._is_direct = self._proxy(yarl.URL(self.origin)) is None
+        return self._is_direct
+
     async def send(
         self, method: str, url: str, headers: Sequence[tuple[bytes, bytes]], body: Any = None
     ) -> UpstreamResponse:
         """Send a request (``body``: bytes, an async iterator of bytes, or None); the response's body
         is left to be streamed."""
+        if isinstance(body, bytes) and url.startswith(self.origin) and self._direct():
+            path = url[len(self.origin) :]
+            path = path if path.startswith("/") else f"/{path}"
+            return await self._pool.request(method, path, headers, body)
         # As sent: yarl would otherwise re-quote the path and query ("%2F" becomes "/").
         target = yarl.URL(url, encoded=True)
         # Transfer-Encoding is aiohttp's to set, from the body it is given.
@@ -190,7 +205,7 @@ class Upstream:
                 compress=False,
                 proxy=self._proxy(target),
             )
-        return UpstreamResponse(response)
+        return AiohttpResponse(response)
 
     def address(self) -> tuple[str, int]:
         """Where the pool connects for this upstream: its host and port, or those of the HTTP(S)_PROXY
@@ -201,7 +216,8 @@ class Upstream:
         return target.host or "", target.port or (443 if target.scheme == "https" else 80)
 
     async def aclose(self) -> None:
-        """Close the pool's connections."""
+        """Close the pools' connections."""
+        await self._pool.aclose()
         if self._session is not None:
             await self._session.close()
 
