@@ -92,6 +92,8 @@ class GuardrailMiddleware:
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 self.open_log()
+            if message["type"] == "lifespan.shutdown.complete":
+                self.gate.flush()
             log = self.gate.log
             if self._owns_log and log is not None and message["type"] == "lifespan.shutdown.complete":
                 # Flush the interaction log before the server exits; the disk is touched off the loop.

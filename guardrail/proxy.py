@@ -106,6 +106,7 @@ def create_app(
             if owns_upstream:
                 await proxy.upstream.aclose()
             gate.batcher.close()
+            gate.flush()
             if log is not None and owns_log:
                 # Flushing may touch the disk: keep it off the loop.
                 await asyncio.to_thread(log.close)
@@ -159,6 +160,7 @@ class Proxy:
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text format."""
+        self.gate.flush()  # the requests finished a moment ago count too
         return Response(self.gate.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(self, request: Request) -> Response:

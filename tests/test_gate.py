@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from guardrail.accounting import DEFAULT_COMPLETION_TOKENS, PromptSize, TokenEstimator
-from guardrail.gate import Action, Decision, Gate
+from guardrail.gate import RECORD_DELAY, Action, Decision, Gate
 from guardrail.guard import Guard, Layer, Verdict
 from guardrail.interactions import InteractionLog, read_interactions
 from guardrail.metrics import Metrics
@@ -309,6 +309,69 @@ def test_record_without_a_log_only_counts(gate: Gate, registry: CollectorRegistr
     conversation = Conversation(text=OFF_TOPIC[1])
     gate.record(decide(gate, conversation), conversation, "/v1/chat/completions")
     assert requests(registry, "blocked", "similarity", "real_estate") == 1
+
+
+def test_on_the_event_loop_a_record_waits_a_moment(gate: Gate, registry: CollectorRegistry) -> None:
+    conversation = Conversation(text=ON_TOPIC[3])
+
+    async def serve() -> tuple[float | None, float | None]:
+        decision = await gate.decide(conversation)
+        await asyncio.sleep(0.05)  # the request's own time, before it ends
+        gate.record(decision, conversation, "/v1/chat/completions")
+        at_once = requests(registry, "passed", "similarity", "real_estate")
+        await asyncio.sleep(RECORD_DELAY * 5)
+        return at_once, requests(registry, "passed", "similarity", "real_estate")
+
+    at_once, later = asyncio.run(serve())
+    assert at_once is None
+    assert later == 1
+    # The latency is the request's, not the wait for the record.
+    labels = {"verdict": "passed"}
+    assert 0.05 <= registry.get_sample_value("guardrail_request_seconds_sum", labels) < 0.05 + RECORD_DELAY
+
+
+def test_a_record_waiting_on_a_closed_loop_is_written_by_the_next(
+    guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """A loop that ends within the delay (a test client's) does not strand its records."""
+    log = InteractionLog(tmp_path / "interactions.jsonl")
+    log.start()
+    gate = make_gate(guard, metrics, log=log)
+    conversations = [Conversation(text=ON_TOPIC[4]), Conversation(text=OFF_TOPIC[2])]
+
+    async def one(conversation: Conversation) -> None:
+        gate.record(await gate.decide(conversation), conversation, "/v1/chat/completions")
+
+    try:
+        asyncio.run(one(conversations[0]))  # its loop closes before the delay is up
+        assert requests(registry, "passed", "similarity", "real_estate") is None
+        asyncio.run(one(conversations[1]))
+        time.sleep(RECORD_DELAY)
+        gate.flush()  # what a scrape and shutdown do; the second loop's timer has gone with it
+    finally:
+        gate.batcher.close()
+        log.close()
+    assert requests(registry, "passed", "similarity", "real_estate") == 1
+    assert requests(registry, "blocked", "similarity", "real_estate") == 1
+    assert [r["text"] for r in read_interactions([tmp_path / "interactions.jsonl"])] == [
+        c.text for c in conversations
+    ]
+
+
+def test_a_failing_record_does_not_cost_the_others(
+    gate: Gate, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = Conversation(text=ON_TOPIC[5])
+    bad = Conversation(text=ON_TOPIC[6])
+
+    async def serve() -> None:
+        gate.record(await gate.decide(bad), bad, "/v1/chat/completions", usage="not a dict")  # type: ignore[arg-type]
+        gate.record(await gate.decide(good), good, "/v1/chat/completions")
+        gate.flush()
+
+    asyncio.run(serve())
+    assert requests(registry, "passed", "similarity", "real_estate") is not None
+    assert "recording request" in caplog.text
 
 
 def test_a_dropped_record_is_counted(
