@@ -32,8 +32,7 @@ import httptools
 
 from guardrail.errors import Failure, UpstreamError
 
-HIGH_WATER = 256 * 1024  # body bytes held for a slow reader before reading pauses
-LOW_WATER = 64 * 1024  # and resumes
+HIGH_WATER = 256 * 1024  # body bytes held for a slow reader before reading pauses (until it takes them)
 
 
 class Pool:
@@ -82,7 +81,11 @@ class Pool:
             except UpstreamError as exc:
                 self._discard(connection)
                 # A kept-alive connection the upstream had closed meanwhile: once more, on a new one.
+                # The other idle ones are likely as stale (an upstream restart), so they go too.
                 if reused and attempt == 1 and exc.kind == "unreachable" and not connection.received:
+                    while self._idle:
+                        self._idle.pop().close()
+                        self._open -= 1
                     continue
                 raise
             except BaseException:
