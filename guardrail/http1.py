@@ -35,6 +35,16 @@ from guardrail.errors import Failure, UpstreamError
 HIGH_WATER = 256 * 1024  # body bytes held for a slow reader before reading pauses (until it takes them)
 
 
+def bracketed(host: str) -> str:
+    """A host as a URL or a Host header writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def address(host: str, port: int) -> str:
+    """host:port, as the Host header and messages write it."""
+    return f"{bracketed(host)}:{port}"
+
+
 class Pool:
     """Keep-alive HTTP/1.1 connections to one origin."""
 
@@ -56,9 +66,8 @@ class Pool:
         self.keepalive = keepalive
         self._https = scheme == "https"
         self._ssl: ssl.SSLContext | None = None  # made on first use: loading the certificates takes a while
-        name = f"[{host}]" if ":" in host else host
         default = 443 if self._https else 80
-        self._host_header = (name if port == default else f"{name}:{port}").encode("ascii")
+        self._host_header = (bracketed(host) if port == default else address(host, port)).encode("ascii")
         self._idle: list[_Connection] = []  # the most recently used last
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -142,21 +151,18 @@ class Pool:
         except asyncio.TimeoutError:
             self._open -= 1
             self._wake()
-            detail = f"ConnectTimeout: {self._address()} did not accept a connection in time"
+            detail = f"ConnectTimeout: {address(self.host, self.port)} did not accept a connection in time"
             raise UpstreamError("timeout", detail) from None
         except OSError as exc:
             self._open -= 1
             self._wake()
-            detail = f"ConnectError: cannot connect to {self._address()}: {exc}"
+            detail = f"ConnectError: cannot connect to {address(self.host, self.port)}: {exc}"
             raise UpstreamError("unreachable", detail) from exc
         except BaseException:
             self._open -= 1
             self._wake()
             raise
         return connection, False
-
-    def _address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def _release(self, connection: _Connection) -> None:
         """A connection whose response was read to the end, back to the pool if it can be reused."""
@@ -317,11 +323,10 @@ class _Connection(asyncio.Protocol):
         ours = self.lost  # close() was called: nothing more to read
         self.lost = True
         self._stop_timer()
-        if ours or self.complete or not self._timer_started():
-            pass
-        elif self.headed and self._until_close and exc is None and self._error is None:
+        unfinished = not ours and not self.complete and self._timer_started()
+        if unfinished and self.headed and self._until_close and exc is None and self._error is None:
             self.complete = True  # a body delimited by the end of the connection
-        else:
+        elif unfinished:
             where = "mid-response" if self.headed else "before answering"
             self._fail("RemoteProtocolError", f"the upstream closed the connection {where}")
         self._wake()

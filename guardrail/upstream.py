@@ -27,7 +27,7 @@ import aiohttp
 import yarl
 
 from guardrail.errors import ConfigError, Failure, UpstreamError
-from guardrail.http1 import Pool, Response
+from guardrail.http1 import Pool, Response, address
 
 
 @contextlib.contextmanager
@@ -253,7 +253,7 @@ class UpstreamCheck:
     @property
     def address(self) -> str:
         """host:port, as a message names it."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return address(self.host, self.port)
 
     async def problem(self) -> str | None:
         """What keeps the upstream from being reached, or None when it accepts connections."""
