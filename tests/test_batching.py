@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from guardrail import batching
 from guardrail.batching import Batcher
 
 
@@ -239,6 +240,139 @@ def test_a_lone_submit_starts_at_once() -> None:
     finally:
         batcher.close()
     assert called[-1] - start < 0.05
+
+
+def linger(monkeypatch: pytest.MonkeyPatch, gap: float, most: float, batch: int = 8) -> None:
+    monkeypatch.setattr(batching, "LINGER_GAP", gap)
+    monkeypatch.setattr(batching, "LINGER_MAX", most)
+    monkeypatch.setattr(batching, "LINGER_BATCH", batch)
+
+
+def test_with_no_other_worker_busy_nobody_lingers(monkeypatch: pytest.MonkeyPatch) -> None:
+    linger(monkeypatch, gap=10.0, most=10.0)
+    called: list[float] = []
+
+    def function(items: Sequence[int]) -> list[int]:
+        called.append(time.perf_counter())
+        return list(items)
+
+    batcher = make(function, workers=2, max_batch=32)
+
+    async def main() -> float:
+        await batcher.submit(0)
+        start = time.perf_counter()
+        assert await batcher.submit(7) == 7
+        return start
+
+    try:
+        start = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert called[-1] - start < 1.0  # not the 10 s a lingering worker could wait
+
+
+def test_under_load_a_free_worker_waits_while_messages_keep_coming(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrivals 20 ms apart, well inside a 1 s gap: without lingering the free worker would run the
+    # first one alone.
+    linger(monkeypatch, gap=1.0, most=30.0, batch=8)
+    batcher = make(recorder, workers=2, max_batch=32)
+
+    async def main() -> list[int]:
+        tasks = [asyncio.create_task(batcher.submit(0))]
+        await wait_until_started(recorder)  # one worker busy
+        for i in range(1, 4):
+            tasks.append(asyncio.create_task(batcher.submit(i)))
+            await asyncio.sleep(0.02)
+        start = time.perf_counter()
+        await wait_until_started(recorder)
+        # It took them once arrivals paused for the gap, long before the 30 s cap.
+        assert time.perf_counter() - start < 10
+        recorder.open()
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [0, 2, 4, 6]
+    assert recorder.batches == [[0], [1, 2, 3]]
+
+
+def test_lingering_ends_once_enough_messages_wait(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linger(monkeypatch, gap=30.0, most=30.0, batch=3)
+    batcher = make(recorder, workers=2, max_batch=32)
+
+    async def main() -> list[int]:
+        tasks = [asyncio.create_task(batcher.submit(0))]
+        await wait_until_started(recorder)
+        tasks += [asyncio.create_task(batcher.submit(i)) for i in range(1, 4)]
+        await wait_until_started(recorder)  # within the recorder's 5 s, not the 30 s gap
+        recorder.open()
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [0, 2, 4, 6]
+    assert recorder.batches == [[0], [1, 2, 3]]
+
+
+def test_lingering_stops_at_its_cap_while_messages_keep_coming(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linger(monkeypatch, gap=1.0, most=0.2, batch=1000)
+    batcher = make(recorder, workers=2, max_batch=1000)
+
+    async def main() -> list[int]:
+        tasks = [asyncio.create_task(batcher.submit(0))]
+        await wait_until_started(recorder)
+        started = asyncio.create_task(wait_until_started(recorder))
+        i = 1
+        while not started.done():  # a message every 10 ms, never a 1 s pause
+            tasks.append(asyncio.create_task(batcher.submit(i)))
+            i += 1
+            assert i < 300, "the free worker never stopped lingering"
+            await asyncio.sleep(0.01)
+        recorder.open()
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [i * 2 for i in range(len(results))]
+    # The cap of 0.2 s took what had come by then: about 20 messages, far below the 1 s gap's worth.
+    assert recorder.batches == [[0], list(range(1, len(results)))]
+    assert 5 < len(results) < 100
+
+
+def test_a_worker_that_finishes_takes_what_a_lingering_one_waits_for(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linger(monkeypatch, gap=30.0, most=30.0)
+    batcher = make(recorder, workers=2, max_batch=32)
+
+    async def main() -> list[int]:
+        first = asyncio.create_task(batcher.submit(0))
+        await wait_until_started(recorder)
+        second = asyncio.create_task(batcher.submit(1))  # the other worker lingers on it
+        await settle()
+        recorder.release()  # the busy worker finishes, sees nobody busy, and takes it at once
+        await wait_until_started(recorder)
+        recorder.open()
+        return await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert results == [0, 2]
+    assert recorder.batches == [[0], [1]]
 
 
 def test_invalid_sizes_raise_value_error() -> None:
