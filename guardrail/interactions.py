@@ -319,6 +319,18 @@ def log_files(path: Path | str) -> list[Path]:
     return list(heapq.merge(*writers, key=_modified))
 
 
+def logs_named(paths: Iterable[Path | str]) -> list[Path]:
+    """The files of every log in ``paths`` (see ``log_files``), each once: a backup or a worker's log
+    named beside the log it belongs to is read once. A name with no file at all is a ``DataError``."""
+    files: list[Path] = []
+    for given in paths:
+        found = log_files(given)
+        if not found:
+            raise DataError("no such file", str(given))
+        files += found
+    return list(dict.fromkeys(files))
+
+
 def _rotations(path: Path) -> list[Path]:
     """One writer's file and its backups that exist, oldest first: ``path.N``, ..., ``path.1``, ``path``."""
     backups: list[tuple[int, Path]] = []

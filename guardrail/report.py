@@ -34,7 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from guardrail.errors import ConfigError, DataError
-from guardrail.interactions import log_files, read_records
+from guardrail.interactions import logs_named, read_records
 from guardrail.metrics import VERDICTS
 from guardrail.models import DEFAULT_MODEL
 from guardrail.report_html import _BIN_LOW, _BIN_RATIO, _BINS, _LATENCIES, _sum, render
@@ -237,15 +237,8 @@ def _bin(ms: float) -> int:
 
 def read_log(paths: Iterable[Path], max_texts: int = MAX_TEXTS) -> LogTally:
     """Stream interaction logs, each with its rotated backups, into a ``LogTally``."""
-    files: list[Path] = []
-    for given in paths:
-        found = log_files(given)
-        if not found:
-            raise DataError("no such file", str(given))
-        files += found
-    files = list(dict.fromkeys(files))  # a backup named as well as its log is read once
     tally = LogTally(max_texts)
-    for _, _, record in read_records(files):
+    for _, _, record in read_records(logs_named(paths)):
         tally.add(record)
     tally.finish()
     return tally

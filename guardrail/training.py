@@ -61,7 +61,7 @@ from guardrail.evaluation import (
     threshold_for_pass,
 )
 from guardrail.guard import Guard, normalise
-from guardrail.interactions import log_files, read_records
+from guardrail.interactions import logs_named, read_records
 from guardrail.layers.classifier import CARD_FORMAT, Classifier, card_path
 from guardrail.layers.instruction import RefusalDetector
 from guardrail.layers.similarity import FEATURE_NAMES
@@ -178,11 +178,7 @@ def deduplicate(labels: Sequence[Label], skipped: dict[str, int] | None = None) 
 
 
 def _rows(paths: Sequence[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-    for given in paths:
-        files = log_files(given)
-        if not files:
-            raise DataError("no such file", str(given))
-        yield from read_records(files)
+    yield from read_records(logs_named(paths))
 
 
 _FIELDS = ("id", "text", "verdict", "score", "threshold", "classifier_score", "used_context", "upstream")

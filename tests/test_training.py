@@ -248,6 +248,18 @@ def test_a_torn_last_line_is_skipped_and_a_missing_file_is_an_error(tmp_path: Pa
         read_labels([tmp_path / "missing.jsonl"])
 
 
+def test_a_workers_log_named_beside_its_own_log_is_read_once(tmp_path: Path) -> None:
+    path = tmp_path / "interactions.jsonl"
+    path.write_text('{"text": "rent", "on_topic": true}\n', encoding="utf-8")
+    worker = tmp_path / "interactions.w0.jsonl"  # what ``guardrail serve --workers 2`` writes
+    worker.write_text('{"text": "weather", "on_topic": false}\n', encoding="utf-8")
+    # The log's name already takes in its workers' files: naming one too (a shell glob does) adds nothing.
+    for named in ([path], [path, worker], [worker, path, path]):
+        found = read_labels(named)
+        assert sorted(x.text for x in found.labels) == ["rent", "weather"]
+        assert found.duplicates == 0
+
+
 # --- splits --------------------------------------------------------------------------------------
 
 
