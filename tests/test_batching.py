@@ -3,12 +3,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, TypeVar
 
 import pytest
 
 from guardrail import batching
 from guardrail.batching import Batcher
+
+T = TypeVar("T")
 
 
 class Recorder:
@@ -50,6 +53,14 @@ def make(function: Callable[[Sequence[int]], Sequence[int]], **kwargs: int) -> B
     return Batcher(function, **kwargs)
 
 
+def run(batcher: Batcher[int, int], main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, then close the batcher whatever happened."""
+    try:
+        return asyncio.run(main)
+    finally:
+        batcher.close()
+
+
 async def wait_until_started(recorder: Recorder) -> None:
     """Let the loop dispatch, then wait (off the loop) for a worker to enter the function."""
     assert await asyncio.to_thread(recorder.entered.acquire, True, 5)
@@ -68,10 +79,7 @@ def test_results_go_to_their_submitters_under_concurrency() -> None:
     async def main() -> list[int]:
         return await asyncio.gather(*(batcher.submit(i) for i in range(100)))
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [i * 2 for i in range(100)]
     assert sorted(item for batch in recorder.batches for item in batch) == list(range(100))
     assert batcher.items == 100
@@ -93,10 +101,7 @@ def test_items_submitted_while_busy_form_the_next_batch(recorder: Recorder) -> N
         recorder.open()
         return await asyncio.gather(first, *rest)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [0, 2, 4, 6, 8, 10]
     assert recorder.batches == [[0], [1, 2, 3, 4, 5]]
     assert (batcher.batches, batcher.items) == (2, 6)
@@ -114,10 +119,7 @@ def test_max_batch_is_respected(recorder: Recorder) -> None:
         recorder.open()
         return await asyncio.gather(first, *rest)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [i * 2 for i in range(8)]
     assert recorder.batches == [[0], [1, 2, 3], [4, 5, 6], [7]]
     assert (batcher.batches, batcher.items) == (4, 8)
@@ -137,10 +139,7 @@ def test_two_workers_run_two_batches_at_once(recorder: Recorder) -> None:
         recorder.open()
         return await asyncio.gather(*tasks)
 
-    try:
-        assert asyncio.run(main()) == [0, 2]
-    finally:
-        batcher.close()
+    assert run(batcher, main()) == [0, 2]
     assert sorted(recorder.batches) == [[0], [1]]
 
 
@@ -160,10 +159,7 @@ def test_an_error_reaches_every_submitter_of_its_batch_and_the_batcher_keeps_wor
         after = await asyncio.gather(batcher.submit(4), batcher.submit(5))
         return failed, after
 
-    try:
-        failed, after = asyncio.run(main())
-    finally:
-        batcher.close()
+    failed, after = run(batcher, main())
     assert recorder.batches[:2] == [[1], [2, -1, 3]]
     assert all(isinstance(error, ValueError) for error in failed)
     assert "negative item in [2, -1, 3]" in str(failed[0])
@@ -186,10 +182,7 @@ def test_a_cancelled_waiting_submitter_is_left_out(recorder: Recorder) -> None:
             await tasks[1]
         return await asyncio.gather(first, tasks[0], tasks[2])
 
-    try:
-        assert asyncio.run(main()) == [0, 2, 6]
-    finally:
-        batcher.close()
+    assert run(batcher, main()) == [0, 2, 6]
     assert recorder.batches == [[0], [1, 3]]
 
 
@@ -209,10 +202,7 @@ def test_a_submitter_cancelled_while_its_batch_runs_does_not_break_the_others(re
         results = await asyncio.gather(first, *tasks, return_exceptions=True)
         return [*results, await batcher.submit(4)]
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert recorder.batches == [[0], [1, 2, 3], [4]]
     assert results[:2] == [0, 2]
     assert isinstance(results[2], asyncio.CancelledError)
@@ -235,10 +225,7 @@ def test_a_lone_submit_starts_at_once() -> None:
         assert await batcher.submit(7) == 7
         return start
 
-    try:
-        start = asyncio.run(main())
-    finally:
-        batcher.close()
+    start = run(batcher, main())
     assert called[-1] - start < 0.05
 
 
@@ -264,10 +251,7 @@ def test_with_no_other_worker_busy_nobody_lingers(monkeypatch: pytest.MonkeyPatc
         assert await batcher.submit(7) == 7
         return start
 
-    try:
-        start = asyncio.run(main())
-    finally:
-        batcher.close()
+    start = run(batcher, main())
     assert called[-1] - start < 1.0  # not the 10 s a lingering worker could wait
 
 
@@ -292,10 +276,7 @@ def test_under_load_a_free_worker_waits_while_messages_keep_coming(
         recorder.open()
         return await asyncio.gather(*tasks)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [0, 2, 4, 6]
     assert recorder.batches == [[0], [1, 2, 3]]
 
@@ -314,10 +295,7 @@ def test_lingering_ends_once_enough_messages_wait(
         recorder.open()
         return await asyncio.gather(*tasks)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [0, 2, 4, 6]
     assert recorder.batches == [[0], [1, 2, 3]]
 
@@ -341,10 +319,7 @@ def test_lingering_stops_at_its_cap_while_messages_keep_coming(
         recorder.open()
         return await asyncio.gather(*tasks)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [i * 2 for i in range(len(results))]
     # The cap of 0.2 s took what had come by then: about 20 messages, far below the 1 s gap's worth.
     assert recorder.batches == [[0], list(range(1, len(results)))]
@@ -367,10 +342,7 @@ def test_a_worker_that_finishes_takes_what_a_lingering_one_waits_for(
         recorder.open()
         return await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert results == [0, 2]
     assert recorder.batches == [[0], [1]]
 
@@ -390,8 +362,5 @@ def test_a_wrong_number_of_results_is_an_error_not_a_hang() -> None:
             asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True), timeout=0.3
         )
 
-    try:
-        results = asyncio.run(main())
-    finally:
-        batcher.close()
+    results = run(batcher, main())
     assert all(isinstance(result, Exception) for result in results)
