@@ -22,12 +22,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-# When another worker is busy and fewer than LINGER_BATCH messages wait, a free worker waits while
-# more keep coming, at most LINGER_GAP apart and LINGER_MAX in all, before taking them. Measured with
+# When every other worker is busy and fewer than LINGER_BATCH messages wait, the free worker waits
+# while more keep coming, at most LINGER_GAP apart and LINGER_MAX in all, before taking them. (With
+# another worker free, the load is below what the workers can do, and nothing is gained by waiting;
+# it also means at most one worker lingers, the one an arrival's notify() wakes.) Measured with
 # benchmarks/proxy_speed.py's load at 32 clients: 5% more requests/s and 4% less CPU per request (a
 # batch is otherwise often one or two messages, taken from the head of a burst); at 2 to 8 clients
-# no change beyond the noise. With every other worker idle nobody lingers, so a lone request starts
-# at once.
+# no change beyond the noise (2 workers, the default). With any other worker free nobody lingers, so a
+# lone request starts at once.
 LINGER_GAP = 0.00025  # seconds
 LINGER_MAX = 0.002
 LINGER_BATCH = 8  # the bare encoder's cost per message levels off from about here
@@ -97,7 +99,7 @@ class Batcher(Generic[T, R]):
                 self._ready.wait()
             if not self._waiting:
                 return None
-            if self._busy and len(self._waiting) < LINGER_BATCH and not self._closed:
+            if self._others_busy() and len(self._waiting) < LINGER_BATCH and not self._closed:
                 self._linger()
             taken = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch))]
             # A client that went away while waiting needs no answer.
@@ -106,10 +108,14 @@ class Batcher(Generic[T, R]):
                 self._busy += 1
                 return batch
 
+    def _others_busy(self) -> bool:
+        """Whether every worker but the one asking is running a batch (never, with one worker)."""
+        return 0 < self._busy == self.workers - 1
+
     def _linger(self) -> None:
         """Wait while messages keep arriving (see ``LINGER_GAP``). Holds ``_ready``."""
         deadline = time.monotonic() + LINGER_MAX
-        while self._busy and not self._closed and 0 < len(self._waiting) < LINGER_BATCH:
+        while self._others_busy() and not self._closed and 0 < len(self._waiting) < LINGER_BATCH:
             seen = len(self._waiting)
             quiet = min(time.monotonic() + LINGER_GAP, deadline)
             while len(self._waiting) == seen and not self._closed:

@@ -255,6 +255,24 @@ def test_with_no_other_worker_busy_nobody_lingers(monkeypatch: pytest.MonkeyPatc
     assert called[-1] - start < 1.0  # not the 10 s a lingering worker could wait
 
 
+def test_nobody_lingers_while_another_worker_is_free(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linger(monkeypatch, gap=30.0, most=30.0)
+    batcher = make(recorder, workers=3, max_batch=32)
+
+    async def main() -> list[int]:
+        tasks = [asyncio.create_task(batcher.submit(0))]
+        await wait_until_started(recorder)  # one of three busy
+        tasks.append(asyncio.create_task(batcher.submit(1)))
+        await wait_until_started(recorder)  # at once, not after the 30 s gap
+        recorder.open()
+        return await asyncio.gather(*tasks)
+
+    assert run(batcher, main()) == [0, 2]
+    assert recorder.batches == [[0], [1]]
+
+
 def test_under_load_a_free_worker_waits_while_messages_keep_coming(
     recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
