@@ -54,9 +54,20 @@ def without_hop_by_hop(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, 
     return [(k, v) for k, v in raw if k.decode("latin-1").lower() not in hop]
 
 
+# The server that sends the response on writes these itself (uvicorn does, as do hypercorn and
+# daphne): relayed too, they would appear twice. nginx hides them from proxied responses too.
+SERVERS_OWN = frozenset({b"date", b"server"})
+
+
 def response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers minus hop-by-hop ones, raw bytes, in order."""
-    return [(k.lower(), v) for k, v in without_hop_by_hop(upstream.headers)]
+    """The upstream's response headers, lowercased, in order, minus hop-by-hop ones and the
+    ``SERVERS_OWN``."""
+    kept = []
+    for key, value in without_hop_by_hop(upstream.headers):
+        key = key.lower()
+        if key not in SERVERS_OWN:
+            kept.append((key, value))
+    return kept
 
 
 @dataclass

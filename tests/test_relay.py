@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from samples import ON_TOPIC
+from samples import OFF_TOPIC, ON_TOPIC
 from upstreams import (
     UPSTREAM_REPLY,
     UPSTREAM_USAGE,
@@ -29,6 +29,7 @@ from upstreams import (
 
 MODEL = "gpt-test"
 ON = ON_TOPIC[0]
+OFF = OFF_TOPIC[0]
 EVENTS = sse_chunks(UPSTREAM_REPLY)  # role, one per word, stop, [DONE]
 WORDS = UPSTREAM_REPLY.split(" ")
 
@@ -198,6 +199,20 @@ def test_upstream_stalling_after_the_headers_ends_the_stream_with_an_error(start
 
 
 # Response headers ---------------------------------------------------------------------------------
+
+
+def test_a_relayed_response_has_one_date_and_one_server_header(proxy: ProxyServer) -> None:
+    # The fake upstream runs on uvicorn too: each server writes its own Date and Server.
+    passed = proxy.http().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": ON}]})
+    passed_through = proxy.http().get("/v1/models")
+    refused = proxy.http().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": OFF}]})
+
+    assert passed.headers["x-guardrail-verdict"] == "passed"
+    assert refused.headers["x-guardrail-verdict"] == "blocked"
+    for response in (passed, passed_through, refused):
+        assert response.status_code == 200
+        assert len(response.headers.get_list("date")) == 1
+        assert response.headers.get_list("server") == ["uvicorn"]
 
 
 async def _hop_by_hop(
