@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import httpx
 import openai
 import orjson
+import pydantic
 import pytest
 
 from guardrail.guard import Guard
@@ -84,6 +85,38 @@ def test_blocked_request_gets_a_custom_refusal(start_proxy: StartProxy, fake_ups
     completion = proxy.sdk().chat.completions.create(model=MODEL, messages=user(OFF))
 
     assert completion.choices[0].message.content == refusal
+    assert fake_upstream.requests == []
+
+
+class Listing(pydantic.BaseModel):
+    address: str
+    available: bool
+
+
+def test_a_blocked_structured_output_request_gets_the_refusal_as_a_refusal(
+    proxy: ProxyServer, fake_upstream: FakeOpenAI
+) -> None:
+    # Refusal text in ``content`` would fail the schema, and the SDK's parse() would raise.
+    completion = proxy.sdk().chat.completions.parse(model=MODEL, messages=user(OFF), response_format=Listing)
+
+    message = completion.choices[0].message
+    assert message.parsed is None
+    assert message.content is None
+    assert message.refusal == DEFAULT_REFUSAL
+    assert fake_upstream.requests == []
+
+
+def test_a_blocked_structured_output_stream_refuses_as_a_refusal(
+    proxy: ProxyServer, fake_upstream: FakeOpenAI
+) -> None:
+    sdk = proxy.sdk()
+    with sdk.chat.completions.stream(model=MODEL, messages=user(OFF), response_format=Listing) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_completion()
+
+    assert "refusal.done" in kinds and "content.done" not in kinds
+    assert final.choices[0].message.refusal == DEFAULT_REFUSAL
+    assert final.choices[0].message.parsed is None
     assert fake_upstream.requests == []
 
 

@@ -82,7 +82,13 @@ class OpenAIChat:
             return body
 
     def refusal(self, conversation: Conversation, refusal: str, id: str) -> bytes:
-        """A complete ``chat.completion`` answering with the refusal sentence."""
+        """A complete ``chat.completion`` answering with the refusal sentence (in ``refusal`` rather
+        than ``content`` when the request asked for Structured Outputs, see ``_structured``)."""
+        message = (
+            {"role": "assistant", "content": None, "refusal": refusal}
+            if _structured(conversation)
+            else {"role": "assistant", "content": refusal, "refusal": None}
+        )
         return orjson.dumps(
             {
                 "id": f"chatcmpl-{id}",
@@ -92,7 +98,7 @@ class OpenAIChat:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": refusal, "refusal": None},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": "stop",
                     }
@@ -110,9 +116,10 @@ class OpenAIChat:
             "created": int(time.time()),
             "model": conversation.model or "guardrail",
         }
+        field = "refusal" if _structured(conversation) else "content"
         deltas: list[tuple[dict[str, Any], str | None]] = [
-            ({"role": "assistant", "content": ""}, None),
-            ({"content": refusal}, None),
+            ({"role": "assistant", field: ""}, None),
+            ({field: refusal}, None),
             ({}, "stop"),
         ]
         for delta, finish in deltas:
@@ -126,6 +133,16 @@ class OpenAIChat:
     def reader(self, stream: bool) -> ReplyReader:
         """Something to feed the relayed reply's bytes to, for its text and usage."""
         return SSEReader() if stream else JSONReader()
+
+
+def _structured(conversation: Conversation) -> bool:
+    """Whether the request asked for Structured Outputs (``response_format`` of type ``json_schema``).
+    Its reply must match the schema, so OpenAI's models put a refusal in the message's ``refusal``
+    and leave ``content`` null; the SDKs' ``parse`` helpers then return no parsed object and the
+    refusal, where refusal text in ``content`` would fail the schema and raise."""
+    payload = conversation.payload
+    form = payload.get("response_format") if payload is not None else None
+    return isinstance(form, dict) and form.get("type") == "json_schema"
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
