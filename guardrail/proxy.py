@@ -49,7 +49,7 @@ from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, 
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics, multiprocess
-from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation
+from guardrail.protocols.base import BadRequest, ChatProtocol, Conversation, ReplyReader
 from guardrail.protocols.openai import OpenAIChat, error_body
 from guardrail.relay import RelayOutcome, UpstreamRelay, relay, without_hop_by_hop
 from guardrail.settings import Settings
@@ -142,7 +142,7 @@ class _ProxyApp(Starlette):
     chat: Callable[[Scope, Receive, Send], Awaitable[None]]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) in GUARDED_PATHS:
+        if scope["type"] == "http" and scope["method"] == "POST" and _guarded(route_path(scope)):
             await self.chat(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
@@ -258,10 +258,10 @@ class Proxy:
             if not watch.left:
                 raise
             watch.settle()
-            error = "the client disconnected"
+            error = _left(reader)
         except OSError:
             # The client's socket failed while sending (ASGI 2.4 servers raise it): same as leaving.
-            error = "the client disconnected"
+            error = _left(reader)
         finally:
             watch.stop()
             if upstream is not None:
@@ -322,14 +322,35 @@ class Proxy:
         return error_body(message, "upstream_error", exc.status)
 
 
+def _guarded(path: str) -> bool:
+    """A chat completions path, also as upstream routers may read it: in another case, with a
+    trailing slash or with ``;parameters`` in a segment. Judged, they go upstream as they came;
+    passed through, they could reach the chat endpoint unjudged."""
+    if path in GUARDED_PATHS:
+        return True
+    loose = "/".join(segment.split(";", 1)[0] for segment in path.lower().split("/")).rstrip("/")
+    return loose in GUARDED_PATHS
+
+
 def _normal(path: str) -> bool:
     segments = path.split("/")[1:-1]  # a trailing slash is fine
     return not any(segment in ("", ".", "..") for segment in segments) and not path.endswith(("/.", "/.."))
 
 
+def _left(reader: ReplyReader | None) -> str | None:
+    """The error to record for a client that went away during the reply: none once the stream's
+    ``[DONE]`` was relayed (the openai SDK closes the connection as soon as it has read it, often
+    before the upstream's last bytes arrive)."""
+    return None if getattr(reader, "done", False) else "the client disconnected"
+
+
 def _request_headers(raw: Sequence[tuple[bytes, bytes]], guarded: bool) -> list[tuple[bytes, bytes]]:
-    """The client's headers minus hop-by-hop ones; Authorization and the rest go on as they came."""
-    drop = {"host"}
+    """The client's headers minus hop-by-hop ones; Authorization and the rest go on as they came.
+
+    ``Expect`` stays here too: the server in front answered it (uvicorn sends 100 Continue when the
+    body is read), and the body goes upstream at once. Forwarded, aiohttp held the body until the
+    upstream sent 100, which an upstream need not do (RFC 9110, 10.1.1): both waited for good."""
+    drop = {"host", "expect"}
     if guarded:
         # The body is re-sent from memory (aiohttp sets its length), and the reply is read for the log,
         # so it is asked for uncompressed.

@@ -62,10 +62,13 @@ SERVERS_OWN = frozenset({b"date", b"server"})
 def response_headers(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers, lowercased, in order, minus hop-by-hop ones and the
     ``SERVERS_OWN``."""
+    # A 304's Content-Length is the size of what the client already has (RFC 9110, 8.6), not of a
+    # body: the server in front would wait for those bytes, fail the response and drop the connection.
+    drop = SERVERS_OWN | {b"content-length"} if upstream.status == 304 else SERVERS_OWN
     kept = []
     for key, value in without_hop_by_hop(upstream.headers):
         key = key.lower()
-        if key not in SERVERS_OWN:
+        if key not in drop:
             kept.append((key, value))
     return kept
 
@@ -95,7 +98,10 @@ async def relay(
     """
     headers = response_headers(upstream)
     if extra_headers:
-        headers += extra_headers
+        # Ours replace any of the same name from the upstream (another guard in front of it, say):
+        # two verdicts would read as one "spoofed, passed".
+        names = {name for name, _ in extra_headers}
+        headers = [header for header in headers if header[0] not in names] + extra_headers
     sse = upstream.content_type.startswith("text/event-stream")
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     held = b""

@@ -320,6 +320,23 @@ def test_dot_segments_do_not_bypass_the_guard(
     assert fake_upstream.chats == [], f"{path} reached the upstream's chat completions unjudged"
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/chat/completions/", "/v1/chat/completions;x=1", "/V1/Chat/Completions", "/chat/completions//"],
+)
+def test_near_spellings_of_the_chat_path_are_judged(
+    proxy: ProxyServer, fake_upstream: FakeOpenAI, path: str
+) -> None:
+    # Routers that ignore case, a trailing slash or ;parameters would serve these as chat completions.
+    off = proxy.http().post(path, json={"model": MODEL, "messages": user(OFF)})
+    on = proxy.http().post(path, json={"model": MODEL, "messages": user(ON)})
+
+    assert off.headers["x-guardrail-verdict"] == "blocked"
+    assert on.headers["x-guardrail-verdict"] == "passed"
+    [arrived] = fake_upstream.requests  # the passed one, at the path it was sent to
+    assert arrived.path == path
+
+
 def test_healthz_answers_here(proxy: ProxyServer, fake_upstream: FakeOpenAI, guard: Guard) -> None:
     response = proxy.http().get("/healthz")
 

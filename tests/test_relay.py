@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,11 @@ from upstreams import (
     hang,
     slow_sse,
     sse_chunks,
+    sse_head,
     stall_after_headers,
+)
+from upstreams import (
+    chunk as http_chunk,
 )
 
 MODEL = "gpt-test"
@@ -198,6 +203,32 @@ def test_upstream_stalling_after_the_headers_ends_the_stream_with_an_error(start
     assert "ReadTimeout" in proxy.record(raw.headers["x-guardrail-id"])["upstream"]["error"]
 
 
+def test_a_client_leaving_right_after_done_is_no_error(start_proxy: StartProxy) -> None:
+    # The SDK closes the connection once it has read "[DONE]"; the upstream ends its chunked body
+    # a moment later. The reply reached the client whole.
+    async def late_end(
+        upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(sse_head() + b"".join(http_chunk(event) for event in EVENTS))
+        await writer.drain()
+        if not await upstream.wait_for_eof(reader, timeout=0.5):
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    with RawUpstream(late_end) as upstream:
+        proxy = start_proxy(upstream.url)
+        raw = proxy.sdk().chat.completions.with_raw_response.create(
+            model=MODEL, messages=user(ON), stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        raw.http_response.close()
+        record = proxy.record(raw.headers["x-guardrail-id"])
+
+    assert text == UPSTREAM_REPLY
+    assert record["upstream"]["error"] is None
+    assert record["reply"] == UPSTREAM_REPLY
+
+
 # Response headers ---------------------------------------------------------------------------------
 
 
@@ -231,6 +262,84 @@ async def _hop_by_hop(
     )
     await writer.drain()
     await upstream.wait_for_eof(reader, timeout=5)
+
+
+def test_the_proxys_verdict_headers_replace_the_upstreams(start_proxy: StartProxy) -> None:
+    async def spoofing(
+        upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        body = orjson.dumps(
+            {
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}}],
+            }
+        )
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"x-guardrail-verdict: spoofed\r\nx-guardrail-layer: elsewhere\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        await upstream.wait_for_eof(reader, timeout=5)
+
+    with RawUpstream(spoofing) as upstream:
+        proxy = start_proxy(upstream.url)
+        response = proxy.http().post("/v1/chat/completions", json=chat_body(False))
+
+    assert response.headers.get_list("x-guardrail-verdict") == ["passed"]
+    assert response.headers.get_list("x-guardrail-layer") == ["similarity"]
+
+
+def test_a_304_with_a_content_length_keeps_the_connection(start_proxy: StartProxy) -> None:
+    # Its Content-Length is the size of what the client has cached (RFC 9110, 8.6); no body follows.
+    async def not_modified(
+        upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:  # the proxy may send the next request on the same connection
+            writer.write(b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\ncontent-length: 1234\r\n\r\n')
+            await writer.drain()
+            try:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+
+    with RawUpstream(not_modified) as upstream:
+        proxy = start_proxy(upstream.url)
+        host, port = proxy.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            answers = []
+            for _ in range(2):  # the second request on the same connection
+                client.sendall(b'GET /v1/models HTTP/1.1\r\nhost: x\r\nif-none-match: "v1"\r\n\r\n')
+                answers.append(client.recv(65536))
+
+    assert all(answer.startswith(b"HTTP/1.1 304 ") for answer in answers)
+    assert all(b'etag: "v1"' in answer for answer in answers)
+
+
+def test_expect_100_continue_is_answered_here_not_forwarded(start_proxy: StartProxy) -> None:
+    # An upstream need not send 100 Continue (RFC 9110, 10.1.1); forwarded, Expect made the proxy
+    # hold the body for it while the upstream waited for the body.
+    async def no_continue(
+        upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        body = b'{"object": "list", "data": []}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+        writer.write(f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        await upstream.wait_for_eof(reader, timeout=5)
+
+    with RawUpstream(no_continue) as upstream:
+        proxy = start_proxy(upstream.url, read_timeout=10.0)
+        with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
+            response = client.post(
+                "/v1/embeddings", content=b'{"input": "x"}', headers={"expect": "100-continue"}
+            )
+
+    assert response.status_code == 200
+    assert response.json() == {"object": "list", "data": []}
+    assert upstream.requests[0].body == b'{"input": "x"}'
+    assert "expect" not in dict(upstream.requests[0].headers)
 
 
 def test_response_hop_by_hop_headers_stay_at_the_proxy(start_proxy: StartProxy) -> None:
