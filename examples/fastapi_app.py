@@ -13,10 +13,13 @@ The bot itself is a stand-in that echoes; put your LLM call there. Off-topic mes
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from guardrail.middleware import GuardrailMiddleware
@@ -33,21 +36,26 @@ def create_app(scenario: Path = SCENARIO) -> FastAPI:
     """The example app; tests build it with their own scenario and settings."""
     app = FastAPI(title="Real-estate assistant")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: dict) -> dict:  # type: ignore[type-arg]
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: dict) -> dict | StreamingResponse:  # type: ignore[type-arg]
         question = body["messages"][-1]["content"]
+        answer = f"Happy to help with: {question}"
+        base = {"id": "chatcmpl-example", "created": int(time.time()), "model": body.get("model", "example")}
+        if body.get("stream"):
+            # Streamed as the SDKs expect: chat.completion.chunk events, then [DONE].
+            def events() -> Iterator[str]:
+                for delta, finish in (({"role": "assistant", "content": answer}, None), ({}, "stop")):
+                    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                    chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        message = {"role": "assistant", "content": answer}
         return {
-            "id": "chatcmpl-example",
+            **base,
             "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model", "example"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": f"Happy to help with: {question}"},
-                    "finish_reason": "stop",
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
         }
 
     @app.post("/chat")

@@ -74,6 +74,19 @@ def test_chat_completions_through_the_openai_sdk(url: str) -> None:
     assert off.headers["x-guardrail-verdict"] == "blocked"
 
 
+def test_chat_completions_stream_through_the_openai_sdk(url: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-example", max_retries=0, timeout=10)
+
+    def streamed(text: str) -> str:
+        stream = client.chat.completions.create(
+            model="example", messages=[{"role": "user", "content": text}], stream=True
+        )
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    assert streamed(ON_TOPIC[2]) == f"Happy to help with: {ON_TOPIC[2]}"
+    assert streamed(OFF_TOPIC[2]) == DEFAULT_REFUSAL
+
+
 def test_health_is_not_guarded(url: str) -> None:
     response = httpx.get(f"{url}/health")
     assert response.json() == {"status": "ok"}
