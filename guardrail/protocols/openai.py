@@ -40,7 +40,9 @@ class OpenAIChat:
         for index, message in enumerate(messages):
             if not isinstance(message, dict):
                 raise BadRequest(f"'messages[{index}]' must be an object")
-            if message.get("role") == "user":
+            role = message.get("role")
+            # "User" too: an upstream that reads roles in any case would take it for the user's turn.
+            if role == "user" or (isinstance(role, str) and role.lower() == "user"):
                 text = content_text(message.get("content"), f"messages[{index}].content")
                 if text.strip():
                     turns.append(text)
@@ -152,6 +154,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:  # orjson's own message points at the start of the body
+            raise BadRequest(f"the request body is not valid UTF-8 (byte {bad.start})") from exc
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")

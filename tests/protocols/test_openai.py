@@ -115,6 +115,13 @@ def test_last_message_need_not_be_the_users() -> None:
     assert (conversation.text, conversation.previous) == ("second", "first")
 
 
+def test_a_user_role_in_another_case_is_the_users_turn() -> None:
+    # An upstream that reads roles in any case would answer it as the user's question.
+    messages = [{"role": "User", "content": "first"}, {"role": "USER", "content": "second"}]
+    conversation = parse(messages=messages)
+    assert (conversation.text, conversation.previous) == ("second", "first")
+
+
 def test_one_user_turn_has_no_previous() -> None:
     conversation = parse(messages=[{"role": "system", "content": "hi"}, user("Can I rent it?")])
     assert (conversation.text, conversation.previous) == ("Can I rent it?", None)
@@ -186,6 +193,7 @@ def test_a_model_that_is_not_a_string_is_ignored() -> None:
         (b"  \n", "the request body is empty"),
         (b"not json", "the request body is not valid JSON"),
         (b'{"messages": [', "the request body is not valid JSON"),
+        (b'{"messages": "caf\xe9"}', "the request body is not valid UTF-8 (byte 17)"),
         (b"[]", "the request body must be a JSON object"),
         (b'"hi"', "the request body must be a JSON object"),
         (b"null", "the request body must be a JSON object"),
