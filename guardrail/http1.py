@@ -313,7 +313,10 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail("RemoteProtocolError", f"the upstream's response is not valid HTTP/1.1: {exc}")
+            # It answered, if not in HTTP/1.1: a broken response even before its head was whole.
+            self._fail(
+                "RemoteProtocolError", f"the upstream's response is not valid HTTP/1.1: {exc}", "broken"
+            )
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -381,9 +384,12 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _fail(self, name: str, detail: str) -> None:
+    def _fail(self, name: str, detail: str, kind: Failure | None = None) -> None:
+        """Fail the response: ``kind``, or by default "broken" once its head arrived, else "unreachable"
+        (what the pool retries on a new connection when the reused one was stale)."""
         if self._error is None:
-            kind: Failure = "broken" if self.headed else "unreachable"
+            if kind is None:
+                kind = "broken" if self.headed else "unreachable"
             self._error = UpstreamError(kind, f"{name}: {detail}")
         self.reusable = False
         if self._transport is not None:

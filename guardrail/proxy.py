@@ -317,6 +317,8 @@ class Proxy:
         logger.warning("upstream %s: %s", exc.kind, exc.detail)
         if exc.kind == "timeout":
             message = f"the upstream did not answer in time ({exc.detail})"
+        elif exc.kind == "broken":
+            message = f"the upstream's response was broken ({exc.detail})"
         else:
             message = f"the upstream cannot be reached ({exc.detail})"
         return error_body(message, "upstream_error", exc.status)

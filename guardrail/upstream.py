@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.http_exceptions import HttpProcessingError
 
 from guardrail.errors import ConfigError, Failure, UpstreamError
 from guardrail.http1 import Pool, Response, address
@@ -48,8 +49,14 @@ def _translated(connecting: bool) -> Iterator[None]:
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as exc:
         kind: Failure = "unreachable" if connecting else "broken"
         raise UpstreamError(kind, _describe("RemoteProtocolError", exc)) from exc
+    except aiohttp.ClientResponseError as exc:
+        # The upstream answered, but not in valid HTTP/1.1 (an invalid status line, Content-Length
+        # with Transfer-Encoding or twice, ...): a broken response, not an unreachable upstream.
+        raise UpstreamError("broken", _malformed(exc.message)) from exc
     except aiohttp.ClientError as exc:
         cause = exc.__cause__
+        if isinstance(cause, HttpProcessingError):
+            raise UpstreamError("broken", _malformed(cause.message)) from exc
         if cause is not None and not isinstance(cause, (OSError, aiohttp.ClientError, asyncio.TimeoutError)):
             # The upload's own iterator failed (the proxy's body limit): that error, as it was raised.
             raise cause from None
@@ -60,6 +67,13 @@ def _translated(connecting: bool) -> Iterator[None]:
 
 def _describe(name: str, exc: BaseException) -> str:
     return f"{name}: {exc}" if str(exc) else name
+
+
+def _malformed(message: str) -> str:
+    """A parser error as a one-line detail: aiohttp's message goes on to quote the offending line."""
+    reason = message.strip().split("\n", 1)[0].rstrip(" :")
+    detail = "RemoteProtocolError: the upstream's response is not valid HTTP/1.1"
+    return f"{detail}: {reason}" if reason else detail
 
 
 class AiohttpResponse:
