@@ -308,7 +308,7 @@ def test_slow_but_steady_body_is_not_a_timeout() -> None:
     [
         (serving(), "timeout", "ReadTimeout"),  # never answers
         (serving(close=True), "unreachable", "RemoteProtocolError"),  # hangs up: no retry when fresh
-        (serving(b"garbage\r\n\r\n"), "unreachable", "RemoteProtocolError"),
+        (serving(b"garbage\r\n\r\n"), "broken", "RemoteProtocolError"),  # answers, not in HTTP/1.1
     ],
     ids=["no-answer", "hang-up", "garbage"],
 )
