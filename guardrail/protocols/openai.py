@@ -251,8 +251,12 @@ class JSONReader(BodyReader):
         choices = payload.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             message = choices[0].get("message")
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                self.text = message["content"][:MAX_REPLY_CHARS]
+            if isinstance(message, dict):
+                # A Structured Outputs refusal comes in "refusal", with no content.
+                text = message.get("content")
+                text = text if isinstance(text, str) else message.get("refusal")
+                if isinstance(text, str):
+                    self.text = text[:MAX_REPLY_CHARS]
 
 
 class SSEReader:
@@ -306,7 +310,11 @@ class SSEReader:
         if choices[0].get("index", 0) != 0:  # with n > 1, the log keeps the first choice
             return
         delta = choices[0].get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
+        if not isinstance(delta, dict):
+            return
+        content = delta.get("content")
+        if not isinstance(content, str):
+            content = delta.get("refusal")  # a Structured Outputs refusal
         if isinstance(content, str) and content and self._length < MAX_REPLY_CHARS:
             self._parts.append(content[: MAX_REPLY_CHARS - self._length])
             self._length += len(content)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -304,6 +305,23 @@ def test_refusal_stream_reads_back_through_the_sse_reader() -> None:
     assert reader.text == REFUSAL
     assert reader.done
     assert reader.usage == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def test_a_structured_outputs_refusal_reads_back_through_both_readers() -> None:
+    # An upstream refusing under Structured Outputs (and the proxy) puts the text in "refusal".
+    schema = {"type": "json_schema", "json_schema": {"name": "listing", "schema": {"type": "object"}}}
+    conversation = Conversation(text="x", payload={"messages": [], "response_format": schema})
+    message = orjson.loads(OpenAIChat().refusal(conversation, REFUSAL, "gr-1"))["choices"][0]["message"]
+    assert (message["content"], message["refusal"]) == (None, REFUSAL)
+
+    whole = JSONReader()
+    whole.feed(OpenAIChat().refusal(conversation, REFUSAL, "gr-1"))
+    whole.close()
+    streamed = SSEReader()
+    for piece in OpenAIChat().refusal_stream(replace(conversation, stream=True), REFUSAL, "gr-1"):
+        streamed.feed(piece)
+    streamed.close()
+    assert whole.text == streamed.text == REFUSAL
 
 
 def test_error_body_is_openai_shaped() -> None:
