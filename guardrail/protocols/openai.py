@@ -42,7 +42,7 @@ class OpenAIChat:
                 raise BadRequest(f"'messages[{index}]' must be an object")
             role = message.get("role")
             # "User" too: an upstream that reads roles in any case would take it for the user's turn.
-            if role == "user" or (isinstance(role, str) and role.lower() == "user"):
+            if isinstance(role, str) and role.lower() == "user":
                 text = content_text(message.get("content"), f"messages[{index}].content")
                 if text.strip():
                     turns.append(text)
@@ -251,12 +251,20 @@ class JSONReader(BodyReader):
         choices = payload.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             message = choices[0].get("message")
-            if isinstance(message, dict):
-                # A Structured Outputs refusal comes in "refusal", with no content.
-                text = message.get("content")
-                text = text if isinstance(text, str) else message.get("refusal")
-                if isinstance(text, str):
-                    self.text = text[:MAX_REPLY_CHARS]
+            text = _reply_text(message)
+            if text is not None:
+                self.text = text[:MAX_REPLY_CHARS]
+
+
+def _reply_text(message: Any) -> str | None:
+    """The text of a reply's message (or a streamed delta of one): its content, or when it has none
+    its refusal (what a model refusing under Structured Outputs sends)."""
+    if not isinstance(message, dict):
+        return None
+    text = message.get("content")
+    if not isinstance(text, str):
+        text = message.get("refusal")
+    return text if isinstance(text, str) else None
 
 
 class SSEReader:
@@ -309,12 +317,7 @@ class SSEReader:
             return
         if choices[0].get("index", 0) != 0:  # with n > 1, the log keeps the first choice
             return
-        delta = choices[0].get("delta")
-        if not isinstance(delta, dict):
-            return
-        content = delta.get("content")
-        if not isinstance(content, str):
-            content = delta.get("refusal")  # a Structured Outputs refusal
-        if isinstance(content, str) and content and self._length < MAX_REPLY_CHARS:
+        content = _reply_text(choices[0].get("delta"))
+        if content and self._length < MAX_REPLY_CHARS:
             self._parts.append(content[: MAX_REPLY_CHARS - self._length])
             self._length += len(content)
