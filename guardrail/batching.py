@@ -99,7 +99,7 @@ class Batcher(Generic[T, R]):
                 self._ready.wait()
             if not self._waiting:
                 return None
-            if self._others_busy() and len(self._waiting) < LINGER_BATCH and not self._closed:
+            if self._others_busy() and len(self._waiting) < LINGER_BATCH:
                 self._linger()
             taken = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch))]
             # A client that went away while waiting needs no answer.
