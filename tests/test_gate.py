@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -74,6 +75,20 @@ def gate(guard: Guard, metrics: Metrics) -> Iterator[Gate]:
     gate = make_gate(guard, metrics)
     yield gate
     gate.batcher.close()
+
+
+@contextlib.contextmanager
+def logging_gate(guard: Guard, metrics: Metrics, path: Path, **kwargs: object) -> Iterator[Gate]:
+    """A gate writing to a started log at ``path``; on leaving, its batcher and log close, so every
+    record is in the file."""
+    log = InteractionLog(path)
+    log.start()
+    gate = make_gate(guard, metrics, log=log, **kwargs)
+    try:
+        yield gate
+    finally:
+        gate.batcher.close()
+        log.close()
 
 
 def decide(gate: Gate, conversation: Conversation) -> Decision:
@@ -217,13 +232,10 @@ def test_headers_are_lower_case_ascii(gate: Gate) -> None:
 def test_record_writes_one_interaction_and_counts_it(
     guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
 ) -> None:
-    log = InteractionLog(tmp_path / "interactions.jsonl")
-    log.start()
-    gate = make_gate(guard, metrics, log=log)
     conversation = Conversation(
         text="is it still available?", previous=ON_TOPIC[0], stream=True, model="gpt-x", include_usage=True
     )
-    try:
+    with logging_gate(guard, metrics, tmp_path / "interactions.jsonl") as gate:
         decision = decide(gate, conversation)
         gate.record(
             decision,
@@ -234,9 +246,6 @@ def test_record_writes_one_interaction_and_counts_it(
             reply="Yes, it is.",
             upstream_seconds=0.25,
         )
-    finally:
-        gate.batcher.close()
-        log.close()
     [record] = list(read_interactions([tmp_path / "interactions.jsonl"]))
     assert set(record) == RECORD_KEYS
     assert decision.verdict is not None
@@ -269,16 +278,10 @@ def test_record_writes_one_interaction_and_counts_it(
 def test_record_of_an_unjudged_request(
     guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
 ) -> None:
-    log = InteractionLog(tmp_path / "interactions.jsonl")
-    log.start()
-    gate = make_gate(guard, metrics, log=log, mode="shadow")
     conversation = Conversation(text=None)
-    try:
+    with logging_gate(guard, metrics, tmp_path / "interactions.jsonl", mode="shadow") as gate:
         decision = decide(gate, conversation)
         gate.record(decision, conversation, "/chat/completions", status=502, error="unreachable")
-    finally:
-        gate.batcher.close()
-        log.close()
     [record] = list(read_interactions([tmp_path / "interactions.jsonl"]))
     assert set(record) == RECORD_KEYS
     assert record["mode"] == "shadow"
@@ -334,23 +337,17 @@ def test_a_record_waiting_on_a_closed_loop_is_written_by_the_next(
     guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
 ) -> None:
     """A loop that ends within the delay (a test client's) does not strand its records."""
-    log = InteractionLog(tmp_path / "interactions.jsonl")
-    log.start()
-    gate = make_gate(guard, metrics, log=log)
     conversations = [Conversation(text=ON_TOPIC[4]), Conversation(text=OFF_TOPIC[2])]
 
     async def one(conversation: Conversation) -> None:
         gate.record(await gate.decide(conversation), conversation, "/v1/chat/completions")
 
-    try:
+    with logging_gate(guard, metrics, tmp_path / "interactions.jsonl") as gate:
         asyncio.run(one(conversations[0]))  # its loop closes before the delay is up
         assert requests(registry, "passed", "similarity", "real_estate") is None
         asyncio.run(one(conversations[1]))
         time.sleep(RECORD_DELAY)
         gate.flush()  # what a scrape and shutdown do; the second loop's timer has gone with it
-    finally:
-        gate.batcher.close()
-        log.close()
     assert requests(registry, "passed", "similarity", "real_estate") == 1
     assert requests(registry, "blocked", "similarity", "real_estate") == 1
     assert [r["text"] for r in read_interactions([tmp_path / "interactions.jsonl"])] == [
@@ -607,11 +604,8 @@ def test_calibration_samples_include_layer_2s_instruction(guard: Guard, registry
 def test_the_record_says_what_was_saved(
     guard: Guard, metrics: Metrics, registry: CollectorRegistry, tmp_path: Path
 ) -> None:
-    log = InteractionLog(tmp_path / "interactions.jsonl")
-    log.start()
-    gate = make_gate(guard, metrics, log=log, prices=PRICES)
     conversation = chat("Tell me a joke", system="Be brief.")
-    try:
+    with logging_gate(guard, metrics, tmp_path / "interactions.jsonl", prices=PRICES) as gate:
         gate.record(decision("blocked"), conversation, "/v1/chat/completions", reply=DEFAULT_REFUSAL)
         gate.record(decision("passed"), conversation, "/v1/chat/completions", 200, USAGE, "Sure.")
         gate.record(
@@ -623,9 +617,6 @@ def test_the_record_says_what_was_saved(
             DEFAULT_REFUSAL,
             instructed=True,
         )
-    finally:
-        gate.batcher.close()
-        log.close()
     blocked, passed, refused = read_interactions([tmp_path / "interactions.jsonl"])
     assert set(blocked) == RECORD_KEYS
     assert (blocked["prompt_chars"], blocked["prompt_messages"]) == (len("Be brief.Tell me a joke"), 2)
