@@ -305,7 +305,7 @@ class Proxy:
             return self._too_large(exc)
         except UpstreamError as exc:
             return Response(self._upstream_failed(exc), exc.status, media_type="application/json")
-        return UpstreamRelay(upstream)
+        return UpstreamRelay(upstream, self.gate.metrics.upstream_errors.labels("broken").inc)
 
     def _too_large(self, exc: BodyTooLarge) -> Response:
         self.gate.metrics.rejected.labels("too_large").inc()

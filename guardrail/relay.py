@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from starlette.responses import Response
@@ -137,15 +137,19 @@ class UpstreamRelay(Response):
     """An ASGI response that streams an open upstream response to the client, and closes the
     upstream request if the client goes away first."""
 
-    def __init__(self, upstream: UpstreamResponse) -> None:
+    def __init__(self, upstream: UpstreamResponse, broke: Callable[[], object] | None = None) -> None:
         self.upstream = upstream
         self.status_code = upstream.status
         self.background = None
+        self.broke = broke  # called when the upstream breaks off mid-response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = ClientWatch(receive)
+        outcome = RelayOutcome(self.upstream.status)
         try:
-            await relay(self.upstream, send, RelayOutcome(self.upstream.status))
+            await relay(self.upstream, send, outcome)
+            if outcome.error and self.broke is not None:
+                self.broke()
         except asyncio.CancelledError:
             if not watch.left:
                 raise

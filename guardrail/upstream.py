@@ -80,8 +80,9 @@ class AiohttpResponse:
     """An upstream response through aiohttp whose body has not been read yet (the same interface as
     ``http1.Response``)."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, read_timeout: float | None) -> None:
         self._response = response
+        self._read_timeout = read_timeout
         self.status = response.status
         self.headers: list[tuple[bytes, bytes]] = list(response.raw_headers)
         self.content_type = response.headers.get("content-type", "")
@@ -91,7 +92,13 @@ class AiohttpResponse:
         last chunk ``at_eof`` is true, so a relay can send it as the end of the response."""
         content = self._response.content
         with _translated(connecting=False):
-            while chunk := await content.readany():
+            while True:
+                # Each read has its own bound: when aiohttp's parser fails midway through a body, it
+                # closes the connection without failing the body, and drops its own read timeout.
+                async with asyncio.timeout(self._read_timeout):
+                    chunk = await content.readany()
+                if not chunk:
+                    return
                 yield chunk
                 if content.at_eof():
                     return
@@ -219,7 +226,7 @@ class Upstream:
                 compress=False,
                 proxy=self._proxy(target),
             )
-        return AiohttpResponse(response)
+        return AiohttpResponse(response, self.timeout.sock_read)
 
     def address(self) -> tuple[str, int]:
         """Where the pool connects for this upstream: its host and port, or those of the HTTP(S)_PROXY

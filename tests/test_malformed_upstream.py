@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
+import httpx
 import orjson
 import pytest
 
@@ -134,3 +136,33 @@ def test_a_malformed_response_to_a_passed_chat_is_a_broken_one(
     assert failed.status_code == 502
     assert orjson.loads(failed.content)["error"]["message"].startswith("the upstream's response was broken (")
     assert (broken, unreachable) == (1, 0)
+
+
+def test_a_body_that_turns_malformed_midway_ends_within_the_read_timeout(start_proxy: StartProxy) -> None:
+    # Valid headers and a first chunk, then a chunk size that is not hex. aiohttp's parser fails the
+    # connection without failing the body being read, so an unbounded read would wait forever.
+    async def script(
+        upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"zz\r\nbad\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    with RawUpstream(script) as upstream:
+        proxy = start_proxy(upstream.url, read_timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            proxy.http().get("/v1/models")
+        took = time.monotonic() - started
+        healthy = proxy.http().get("/healthz")
+        broken = proxy.metric("guardrail_upstream_errors_total", kind="broken")
+
+    assert took < 5.0
+    assert broken == 1
+    assert healthy.status_code == 200

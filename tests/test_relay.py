@@ -162,6 +162,20 @@ def test_sse_cut_inside_an_event_ends_with_an_error_event(start_proxy: StartProx
                 pass
 
 
+def test_a_passthrough_stream_cut_midway_ends_with_an_error_event_and_is_counted(
+    start_proxy: StartProxy,
+) -> None:
+    with RawUpstream(cut_sse(EVENTS[:2])) as upstream:
+        proxy = start_proxy(upstream.url)
+        with proxy.http().stream("POST", "/v1/responses", json={"stream": True}) as response:
+            received = b"".join(response.iter_raw())
+        broken = proxy.metric("guardrail_upstream_errors_total", kind="broken")
+
+    assert received.startswith(EVENTS[0] + EVENTS[1])
+    assert b"broke off mid-response" in received[len(EVENTS[0] + EVENTS[1]) :]
+    assert broken == 1
+
+
 def test_json_cut_midway_is_an_incomplete_response(start_proxy: StartProxy) -> None:
     body = orjson.dumps(
         {"id": "chatcmpl-x", "object": "chat.completion", "choices": [], "usage": UPSTREAM_USAGE}
