@@ -5,7 +5,9 @@ releases the GIL, so two workers use two cores) each take everything waiting, up
 it as one batch, hand the results back to the event loop and take the next batch themselves. There is
 no timer, so a lone request is judged at once, and under load the queue that forms while the workers
 are busy becomes the next batch. Workers never wait for the event loop to hand them work, so a busy
-loop does not leave a core idle between batches; the loop only enqueues and takes results back.
+loop does not leave a core idle between batches; the loop only enqueues and takes results back. An
+arrival wakes the worker that went idle last, so at low load one warm worker does the work while the
+others sleep.
 
 Under load a worker may linger a moment before taking a short queue (see ``LINGER_GAP``): a batch of
 one costs the encoder about 1.3x per message what a batch of eight does, and clients answered together
@@ -48,7 +50,15 @@ class Batcher(Generic[T, R]):
         self.workers = workers
         self.max_batch = max_batch
         self._waiting: deque[tuple[T, asyncio.Future[R]]] = deque()
-        self._ready = threading.Condition()
+        self._lock = threading.Lock()
+        # Each worker waits on its own condition, so an arrival can wake the one that went idle last
+        # (``threading.Condition.notify`` wakes the longest waiting, so the workers took turns, each
+        # one cold). Measured through the proxy at one client, interleaved with workers taking turns in
+        # two runs of 10 and 12 rounds: 0.54 and 0.31 ms less latency (medians; better in 17 of 22
+        # rounds), and 0.4 to 0.6 ms less CPU per message in the encoder threads. No change in
+        # requests/s at 4 and 32 clients.
+        self._idle: list[threading.Condition] = []  # waiting for work; the last went idle last
+        self._lingering: threading.Condition | None = None
         self._closed = False
         self._busy = 0  # workers running a batch
         self._threads: list[threading.Thread] = []
@@ -71,36 +81,53 @@ class Batcher(Generic[T, R]):
         encoder runs and await the future after.
         """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        with self._ready:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             if not self._threads:
                 self._start()
             self._waiting.append((item, future))
-            self._ready.notify()
+            if self._lingering is not None:
+                self._lingering.notify()
+            elif self._idle:
+                self._idle.pop().notify()
         return future
 
     def close(self) -> None:
         """Stop the workers once the batches they are running finish; waiting items still run."""
-        with self._ready:
+        with self._lock:
             self._closed = True
-            self._ready.notify_all()
+            for waiting in self._idle:
+                waiting.notify()
+            self._idle.clear()
+            if self._lingering is not None:
+                self._lingering.notify()
 
     def _start(self) -> None:
         for i in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"guardrail-encoder_{i}", daemon=True)
+            wake = threading.Condition(self._lock)
+            thread = threading.Thread(
+                target=self._work, args=(wake,), name=f"guardrail-encoder_{i}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
-    def _take(self) -> list[tuple[T, asyncio.Future[R]]] | None:
-        """The next batch, waiting for one; None once closed and drained. Holds ``_ready``."""
+    def _take(self, wake: threading.Condition) -> list[tuple[T, asyncio.Future[R]]] | None:
+        """The next batch, waiting on ``wake`` for one; None once closed and drained. Holds ``_lock``."""
         while True:
             while not self._waiting and not self._closed:
-                self._ready.wait()
+                self._idle.append(wake)
+                wake.wait()
+                if wake in self._idle:  # not woken by an arrival (Python promises no spurious wake-ups)
+                    self._idle.remove(wake)
             if not self._waiting:
                 return None
             if self._others_busy() and len(self._waiting) < LINGER_BATCH:
-                self._linger()
+                self._lingering = wake
+                try:
+                    self._linger(wake)
+                finally:
+                    self._lingering = None
             taken = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch))]
             # A client that went away while waiting needs no answer.
             batch = [(item, future) for item, future in taken if not future.cancelled()]
@@ -112,8 +139,8 @@ class Batcher(Generic[T, R]):
         """Whether every worker but the one asking is running a batch (never, with one worker)."""
         return 0 < self._busy == self.workers - 1
 
-    def _linger(self) -> None:
-        """Wait while messages keep arriving (see ``LINGER_GAP``). Holds ``_ready``."""
+    def _linger(self, wake: threading.Condition) -> None:
+        """Wait on ``wake`` while messages keep arriving (see ``LINGER_GAP``). Holds ``_lock``."""
         deadline = time.monotonic() + LINGER_MAX
         while self._others_busy() and not self._closed and 0 < len(self._waiting) < LINGER_BATCH:
             seen = len(self._waiting)
@@ -122,14 +149,12 @@ class Batcher(Generic[T, R]):
                 left = quiet - time.monotonic()
                 if left <= 0:
                     return
-                self._ready.wait(left)
+                wake.wait(left)
 
-    def _work(self) -> None:
-        while True:
-            with self._ready:
-                batch = self._take()
-            if batch is None:
-                return
+    def _work(self, wake: threading.Condition) -> None:
+        with self._lock:
+            batch = self._take(wake)
+        while batch is not None:
             self.batches += 1
             self.items += len(batch)
             results: Sequence[R] = ()
@@ -142,15 +167,25 @@ class Batcher(Generic[T, R]):
                     )
             except Exception as exc:
                 error = exc
-            with self._ready:
+            # Results go out under the lock, which this worker keeps until it waits again: a request
+            # answered here and sent again at once finds this worker idle, and wakes it, not a cold one.
+            with self._lock:
                 self._busy -= 1
-            loops: dict[asyncio.AbstractEventLoop, list[int]] = {}
-            for index, (_, future) in enumerate(batch):
-                loops.setdefault(future.get_loop(), []).append(index)
-            for loop, indices in loops.items():
-                deliveries = [(batch[i][1], None if error else results[i]) for i in indices]
-                with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-                    loop.call_soon_threadsafe(_deliver, deliveries, error)
+                _hand_back(batch, results, error)
+                batch = self._take(wake)
+
+
+def _hand_back(
+    batch: list[tuple[T, asyncio.Future[R]]], results: Sequence[R], error: BaseException | None
+) -> None:
+    """Set each future's result (or the error) on its own event loop."""
+    loops: dict[asyncio.AbstractEventLoop, list[int]] = {}
+    for index, (_, future) in enumerate(batch):
+        loops.setdefault(future.get_loop(), []).append(index)
+    for loop, indices in loops.items():
+        deliveries = [(batch[i][1], None if error else results[i]) for i in indices]
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(_deliver, deliveries, error)
 
 
 def _deliver(deliveries: list[tuple[asyncio.Future[R], R | None]], error: BaseException | None) -> None:

@@ -229,6 +229,47 @@ def test_a_lone_submit_starts_at_once() -> None:
     assert called[-1] - start < 0.05
 
 
+def test_at_low_load_the_worker_that_went_idle_last_does_the_work() -> None:
+    # Waking the workers in turn would leave each one's caches cold by the time it is woken again.
+    threads: list[str] = []
+
+    def function(items: Sequence[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return list(items)
+
+    batcher = make(function, workers=3, max_batch=32)
+
+    async def main() -> list[int]:
+        await batcher.submit(-1)
+        await asyncio.sleep(0.2)  # every worker has started and is waiting
+        threads.clear()
+        return [await batcher.submit(i) for i in range(20)]
+
+    assert run(batcher, main()) == list(range(20))
+    assert len(threads) == 20
+    assert len(set(threads)) == 1
+
+
+def test_close_ends_every_worker_once_the_waiting_items_ran(recorder: Recorder) -> None:
+    batcher = make(recorder, workers=3, max_batch=1)
+
+    async def main() -> list[int]:
+        submitted = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await wait_until_started(recorder)
+        batcher.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            batcher.enqueue(9)
+        recorder.open()
+        return await asyncio.wait_for(asyncio.gather(*submitted), timeout=5)
+
+    assert run(batcher, main()) == [0, 2, 4, 6]
+    workers = batcher._threads
+    for thread in workers:
+        thread.join(timeout=5)
+    assert len(workers) == 3
+    assert not any(thread.is_alive() for thread in workers)
+
+
 def linger(monkeypatch: pytest.MonkeyPatch, gap: float, most: float, batch: int = 8) -> None:
     monkeypatch.setattr(batching, "LINGER_GAP", gap)
     monkeypatch.setattr(batching, "LINGER_MAX", most)
