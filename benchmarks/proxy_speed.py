@@ -602,6 +602,16 @@ def profile(pid: int, port: int, requests: Sequence[bytes], out: Path) -> str:
 # The report ----------------------------------------------------------------------------------------
 
 
+def thread_ranks(runs: list[Run]) -> list[float]:
+    """CPU ms per request of the proxy's other threads, busiest first, each rank's median over the
+    runs. Threads come and go (a thread pool's), so a run with fewer counts the missing ranks as 0."""
+    width = max(len(r.others) for r in runs)
+    return [
+        median([(r.others[k] if k < len(r.others) else 0.0) / len(r.latencies) * 1e3 for r in runs])
+        for k in range(width)
+    ]
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
@@ -647,8 +657,7 @@ def report(
             f"{median([r.per_s for r in p]):.1f} | **{added50:+.2f} ms** | {added99:+.2f} ms |"
         )
         # The proxy's other threads, busiest first, each as the median over the repeats.
-        ranks = [median([r.others[k] / len(r.latencies) * 1e3 for r in p]) for k in range(len(p[0].others))]
-        others = " + ".join(f"{x:.2f}" for x in ranks if x >= 0.05)
+        others = " + ".join(f"{x:.2f}" for x in thread_ranks(p) if x >= 0.05)
         cpu_rows.append(
             f"| {c} | {per_request_ms(p, 'proxy_loop'):.2f} | {per_request_ms(p, 'proxy_other'):.2f} ({others}) | "
             f"{per_request_ms(p, 'proxy'):.2f} | {median([r.cpu['proxy'] / r.wall for r in p]):.2f} | "
@@ -660,7 +669,7 @@ def report(
     judged = sum(len(r.verdicts) for r in runs)
     errors = sum(r.errors for c in CLIENTS for r in direct[c] + proxied[c])
     p32 = proxied[32]
-    busy = [x for x in (median([r.others[k] / len(r.latencies) * 1e3 for r in p32]) for k in range(len(p32[0].others))) if x >= 0.5]  # fmt: skip
+    busy = [x for x in thread_ranks(p32) if x >= 0.5]
     # Added p50 at 1 client beyond the encoder call timed just before, round by round.
     every = [r for repeat in rounds for r in repeat]
     ratios = [r.per_s / bare for r, bare in zip(p32, paired, strict=True)]
