@@ -95,8 +95,7 @@ class AiohttpResponse:
             while True:
                 # Each read has its own bound: when aiohttp's parser fails midway through a body, it
                 # closes the connection without failing the body, and drops its own read timeout.
-                async with asyncio.timeout(self._read_timeout):
-                    chunk = await content.readany()
+                chunk = await asyncio.wait_for(content.readany(), self._read_timeout)
                 if not chunk:
                     return
                 yield chunk
