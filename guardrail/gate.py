@@ -51,6 +51,31 @@ def check_declared_length(headers: Iterable[tuple[bytes, bytes]], limit: int) ->
             raise BodyTooLarge(limit)
 
 
+class BodyStalled(Exception):
+    """A client sent nothing more of its request body for ``read_timeout`` seconds (HTTP 408)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the request body stopped arriving: nothing came for {timeout:g} s")
+
+
+async def paced(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
+    """Pass a body's chunks on, raising ``BodyStalled`` when the next one takes over ``timeout``
+    seconds: a streamed upload holds an upstream connection, which a stalled client must not keep."""
+    iterator = aiter(chunks)
+
+    async def following() -> bytes:
+        return await anext(iterator)
+
+    while True:
+        try:
+            chunk = await asyncio.wait_for(following(), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyStalled(timeout) from None
+        yield chunk
+
+
 async def limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
     """Pass a body's chunks on, raising ``BodyTooLarge`` once they add up to more than ``limit``."""
     size = 0

@@ -43,7 +43,7 @@ class Metrics:
         )
         self.rejected = Counter(
             "guardrail_rejected_requests",
-            "Requests refused before judging: malformed (400) or too large (413).",
+            "Requests refused before judging: malformed (400), too large (413) or a stalled upload (408).",
             ["reason"],
             registry=r,
         )

@@ -45,7 +45,16 @@ from guardrail.asgi import (
     route_path,
 )
 from guardrail.errors import UpstreamError
-from guardrail.gate import BodyTooLarge, Decision, Gate, check_declared_length, limited, open_log
+from guardrail.gate import (
+    BodyStalled,
+    BodyTooLarge,
+    Decision,
+    Gate,
+    check_declared_length,
+    limited,
+    open_log,
+    paced,
+)
 from guardrail.guard import Guard
 from guardrail.interactions import InteractionLog
 from guardrail.metrics import Metrics, multiprocess
@@ -297,12 +306,15 @@ class Proxy:
                 request.method,
                 self.upstream.target(request.scope["raw_path"], request.scope["query_string"]),
                 _request_headers(request.headers.raw, guarded=False),
-                limited(request.stream(), limit) if has_body else None,
+                limited(paced(request.stream(), self.settings.read_timeout), limit) if has_body else None,
             )
         except ClientDisconnect:
             return Response(status_code=499)
         except BodyTooLarge as exc:
             return self._too_large(exc)
+        except BodyStalled as exc:
+            self.gate.metrics.rejected.labels("stalled").inc()
+            return error_response(408, str(exc), "invalid_request_error", {"connection": "close"})
         except UpstreamError as exc:
             return Response(self._upstream_failed(exc), exc.status, media_type="application/json")
         return UpstreamRelay(upstream, self.gate.metrics.upstream_errors.labels("broken").inc)

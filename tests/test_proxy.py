@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import http.client
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -615,6 +616,44 @@ def test_passthrough_chunked_body_over_the_limit_is_a_413(
 
     assert response.status_code == 413
     assert fake_upstream.requests == []
+
+
+def test_a_passthrough_upload_that_stalls_is_a_408_and_frees_the_upstream_connection(
+    start_proxy: StartProxy,
+) -> None:
+    # A bare upstream that records what arrives and when its client hangs up; it never answers.
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = bytearray()
+    hung_up = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(30)
+            while chunk := connection.recv(65536):
+                received.extend(chunk)
+        hung_up.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    proxy = start_proxy(upstream, read_timeout=1.0)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(
+            b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n"
+            b"content-length: 100\r\n\r\n0123456789"
+        )
+        started = time.monotonic()
+        answer = client.recv(65536)
+        waited = time.monotonic() - started
+
+    listener.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"stopped arriving" in answer
+    assert waited < 5.0
+    assert hung_up.wait(5.0), "the upstream connection was kept for a stalled upload"
+    assert received.endswith(b"0123456789")  # what did arrive was streamed on
+    assert proxy.metric("guardrail_rejected_requests_total", reason="stalled") == 1
 
 
 def test_request_without_user_text_passes_unjudged_and_is_counted(
