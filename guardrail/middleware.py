@@ -14,7 +14,9 @@ added, while a copy of the text is kept for the interaction log.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import time
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -69,6 +71,7 @@ class GuardrailMiddleware:
         )
         self.max_body_bytes = settings.max_body_bytes
         self.gate = Gate.from_settings(guard, settings, log, metrics)
+        self._exit_hook = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -84,6 +87,9 @@ class GuardrailMiddleware:
         log = self.gate.log
         if self._owns_log and (log is None or log.closed):
             log = self.gate.log = open_log(self._settings)
+            if not self._exit_hook:
+                atexit.register(_close_at_exit, weakref.ref(self))
+                self._exit_hook = True
         if log is not None:
             log.start()
         return log
@@ -101,6 +107,18 @@ class GuardrailMiddleware:
             await send(message)
 
         return lifespan_send
+
+
+def _close_at_exit(ref: weakref.ReferenceType[GuardrailMiddleware]) -> None:
+    """Write the records still pending or queued when the interpreter exits. An app that gets no
+    lifespan events (a mounted app, or a server run with them off) never shuts its log down, and the
+    writer is a daemon thread: without this, the last 50 ms or so of records would be lost."""
+    middleware = ref()
+    if middleware is None:
+        return
+    middleware.gate.flush()
+    if middleware.gate.log is not None:
+        middleware.gate.log.close(timeout=5.0)
 
 
 class _GuardedRequest:

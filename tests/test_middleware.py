@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -525,6 +527,40 @@ def test_a_mounted_app_is_still_guarded(bot: Bot, guard: Guard) -> None:
         response = httpx.post(f"{url}/api/chat", json={"message": OFF_TOPIC[8]})
     assert response.json() == {"reply": DEFAULT_REFUSAL}
     assert bot.calls == 0
+
+
+def test_a_mounted_app_without_lifespan_events_writes_its_log_at_exit(
+    cache_env: Path, real_estate_path: Path, log_path: Path
+) -> None:
+    # A mounted app gets no lifespan events, so nothing shuts its log down before the process ends.
+    script = f"""
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+from guardrail.middleware import GuardrailMiddleware
+from guardrail.settings import Settings
+
+
+async def chat(request):
+    return JSONResponse({{"choices": [{{"message": {{"role": "assistant", "content": "Sure."}}}}]}})
+
+
+bot = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+settings = Settings.load(scenario={str(real_estate_path)!r}, log_path={str(log_path)!r})
+bot.add_middleware(GuardrailMiddleware, settings=settings)
+client = TestClient(Starlette(routes=[Mount("/api", bot)]))  # not entered: no lifespan events
+for text in ({OFF_TOPIC[0]!r}, {ON_TOPIC[0]!r}):
+    messages = [{{"role": "user", "content": text}}]
+    response = client.post("/api/v1/chat/completions", json={{"messages": messages}})
+    print(response.headers["x-guardrail-verdict"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["blocked", "passed"]
+    assert [record["verdict"] for record in read_log(log_path)] == ["blocked", "passed"]
 
 
 def test_an_app_served_twice_still_guards_and_logs(bot: Bot, guard: Guard, log_path: Path) -> None:
