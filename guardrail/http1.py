@@ -92,9 +92,7 @@ class Pool:
                 # A kept-alive connection the upstream had closed meanwhile: once more, on a new one.
                 # The other idle ones are likely as stale (an upstream restart), so they go too.
                 if reused and attempt == 1 and exc.kind == "unreachable" and not connection.received:
-                    while self._idle:
-                        self._idle.pop().close()
-                        self._open -= 1
+                    self._close_idle()
                     continue
                 raise
             except BaseException:
@@ -106,6 +104,9 @@ class Pool:
     async def aclose(self) -> None:
         """Close every idle connection; those in use close when their responses do."""
         self._closed = True
+        self._close_idle()
+
+    def _close_idle(self) -> None:
         while self._idle:
             self._idle.pop().close()
             self._open -= 1
