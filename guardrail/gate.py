@@ -62,13 +62,9 @@ async def paced(chunks: AsyncIterator[bytes], timeout: float) -> AsyncIterator[b
     """Pass a body's chunks on, raising ``BodyStalled`` when the next one takes over ``timeout``
     seconds: a streamed upload holds an upstream connection, which a stalled client must not keep."""
     iterator = aiter(chunks)
-
-    async def following() -> bytes:
-        return await anext(iterator)
-
     while True:
         try:
-            chunk = await asyncio.wait_for(following(), timeout)
+            chunk = await asyncio.wait_for(anext(iterator), timeout)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
